@@ -1,0 +1,1 @@
+"""The OptG sparsity library."""

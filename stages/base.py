@@ -1,0 +1,25 @@
+"""What every stage shares: the strict config base class and the errors a stage may raise."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    """Config base: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class StageError(RuntimeError):
+    """A stage could not do its work (bad data file, export failure...). Exit code 1."""
+
+
+class GateFailure(RuntimeError):
+    """A release gate failed: accuracy drop, ONNX parity, N:M pattern. Exit code 3.
+
+    `gate` names the gate; the message names the node/tensor/metric at fault.
+    """
+
+    def __init__(self, gate: str, message: str) -> None:
+        super().__init__(message)
+        self.gate = gate
