@@ -1,0 +1,265 @@
+"""The sparsifier lifecycle: attach -> (calibrate) -> start_epoch/step ... -> bake.
+
+The model stays a normal nn.Module throughout: its parameters and state_dict keys never
+change; target modules get a forward override (see masking.py) that uses `w * m`.
+`bake()` writes `w * m` into the weights and removes every trace. Calls out of order raise
+LifecycleError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from optg import masking
+from optg.criteria import Criterion, LossFn
+from optg.distributed import all_reduce_mean
+from optg.patterns import MASK_RULES
+from optg.schedules import Schedule
+from optg.targets import LayerPlan
+
+STATE_FORMAT = 1
+
+
+class LifecycleError(RuntimeError):
+    """A sparsifier call made in the wrong state (e.g. step before attach, bake twice)."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    numel: int
+    targeted: bool
+    pattern: str
+    sparsity: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "shape": list(self.shape)}
+
+
+class _Layer:
+    """Runtime state of one target layer: its mask and how the forward weight is made."""
+
+    def __init__(self, plan: LayerPlan, module: nn.Module, mode: str,
+                 scores: torch.Tensor | None, srste_decay: float) -> None:
+        self.plan, self.module, self.mode = plan, module, mode
+        self.scores = scores
+        self.srste_decay = srste_decay
+        self.mask = torch.ones_like(module.weight, requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.module.weight
+        if self.mode == "srste":
+            return masking.srste_masked(w, self.plan.n, self.plan.m, self.srste_decay)
+        if self.mask.device != w.device:  # the model was moved after attach
+            self.mask = self.mask.to(w.device)
+        if self.mode == "optg":
+            return masking.optg_masked(w, self.scores, self.mask)
+        return w * self.mask
+
+
+class Sparsifier:
+    """Trains a model sparse. Build one with `optg.create(method, model, ...)`."""
+
+    def __init__(self, model: nn.Module, plans: list[LayerPlan], criterion: Criterion,
+                 schedule: Schedule, *, method: str = "custom",
+                 update_every_steps: int | None = None, steps_per_epoch: int | None = None,
+                 srste_decay: float | None = None, score_momentum: float = 0.9) -> None:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        if update_every_steps is not None and (update_every_steps < 1 or not steps_per_epoch):
+            raise ValueError("update_every_steps needs a value >= 1 and steps_per_epoch")
+        self.model, self.plans, self.criterion, self.schedule = model, plans, criterion, schedule
+        self.method = method
+        self.update_every_steps, self.steps_per_epoch = update_every_steps, steps_per_epoch
+        self.srste_decay = srste_decay
+        self.score_momentum = score_momentum
+        self.state = "created"
+        self.layers: list[_Layer] = []
+        self.score_optimizer: torch.optim.Optimizer | None = None
+        self.epoch, self.step_in_epoch, self.global_step = -1, 0, 0
+        self.fraction = 0.0
+        self.calibrated = not criterion.needs_calibration
+        if srste_decay is not None and any(p.kind not in ("nm", "dense") for p in plans):
+            raise ValueError("SR-STE trains N:M patterns only; some targets are unstructured")
+
+    # ---------------------------------------------------------------- lifecycle checks
+    def _require(self, *states: str, action: str) -> None:
+        if self.state not in states:
+            hint = {"created": "call attach() first", "baked": "the model is already baked"}
+            raise LifecycleError(f"cannot {action}: sparsifier is {self.state!r} "
+                                 f"({hint.get(self.state, 'see the lifecycle in optg docs')})")
+
+    # ---------------------------------------------------------------- attach
+    def attach(self) -> "Sparsifier":
+        """Install masked forwards on the target layers. Move the model to its device first."""
+        self._require("created", action="attach")
+        modules = dict(self.model.named_modules())
+        targets = [p for p in self.plans if p.kind != "dense"]
+        weights = {p.name: modules[p.name].weight for p in targets}
+        self.criterion.setup(weights)
+        mode = "srste" if self.srste_decay is not None else ("optg" if self.criterion.learned else "mask")
+        for plan in targets:
+            scores = self.criterion.scores(plan.name, weights[plan.name]) if self.criterion.learned else None
+            layer = _Layer(plan, modules[plan.name], mode, scores, self.srste_decay or 0.0)
+            masking.install(layer.module, layer)
+            self.layers.append(layer)
+        if self.criterion.learned:
+            self.score_optimizer = torch.optim.SGD([l.scores for l in self.layers], lr=0.0,
+                                                   momentum=self.score_momentum, weight_decay=0.0)
+        self.state = "attached"
+        if self.schedule.one_shot and self.calibrated and mode != "srste":
+            self._update_masks(0.0)  # one-shot methods fix the mask now and hold it
+        return self
+
+    def calibrate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn) -> int:
+        """Data-driven one-shot criteria (SNIP): score on `batches` and fix the mask."""
+        self._require("attached", action="calibrate")
+        if not self.criterion.needs_calibration:
+            raise LifecycleError(f"method {self.method!r} needs no calibration")
+        if self.calibrated:
+            raise LifecycleError("already calibrated: the mask is fixed")
+        weights = {l.plan.name: l.weight for l in self.layers}
+        count = self.criterion.calibrate(self.model, weights, batches, loss_fn)
+        self.calibrated = True
+        self._update_masks(0.0)
+        return count
+
+    # ---------------------------------------------------------------- training hooks
+    def start_epoch(self, epoch: int) -> None:
+        """Call at the start of every epoch (0-based): recomputes masks when the method does."""
+        self._require("attached", action="start an epoch")
+        self._require_calibrated()
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch, self.step_in_epoch = epoch, 0
+        if not self.schedule.one_shot and self.srste_decay is None:
+            self._update_masks(float(epoch))
+
+    def step(self, lr: float | None = None) -> None:
+        """Call after every optimizer.step(). `lr`: the weights' current learning rate (OptG
+        scores learn at `lr * p(e) / p_target`)."""
+        self._require("attached", action="step")
+        self._require_calibrated()
+        if self.epoch < 0:
+            raise LifecycleError("call start_epoch(epoch) before step()")
+        if self.score_optimizer is not None:
+            if lr is None:
+                raise ValueError(f"method {self.method!r} learns scores: pass step(lr=current weight lr)")
+            grads = [l.scores.grad for l in self.layers if l.scores.grad is not None]
+            all_reduce_mean(grads)  # every rank applies the same score update
+            for group in self.score_optimizer.param_groups:
+                group["lr"] = lr * self.fraction
+            self.score_optimizer.step()
+            self.score_optimizer.zero_grad(set_to_none=True)
+        self.step_in_epoch += 1
+        self.global_step += 1
+        if (self.update_every_steps and self.global_step % self.update_every_steps == 0
+                and not self.schedule.one_shot and self.srste_decay is None):
+            self._update_masks(self.epoch + self.step_in_epoch / self.steps_per_epoch)
+
+    def _require_calibrated(self) -> None:
+        if not self.calibrated:
+            raise LifecycleError(f"method {self.method!r} needs calibrate(batches, loss_fn) first")
+
+    @torch.no_grad()
+    def _update_masks(self, progress: float) -> None:
+        self.fraction = self.schedule.fraction(progress)
+        by_kind: dict[str, list[_Layer]] = {}
+        for layer in self.layers:
+            by_kind.setdefault(layer.plan.kind, []).append(layer)
+        for kind, layers in by_kind.items():
+            scores = [self.criterion.scores(l.plan.name, l.weight) for l in layers]
+            keep = MASK_RULES.get(kind)([l.plan for l in layers], scores, self.fraction)
+            for layer, k in zip(layers, keep):
+                layer.mask.copy_(k)
+
+    # ---------------------------------------------------------------- bake
+    @torch.no_grad()
+    def bake(self) -> nn.Module:
+        """Write `w * m` into every target weight and remove overrides, scores and masks."""
+        self._require("attached", action="bake")
+        for layer in self.layers:
+            if layer.mode == "srste":
+                layer.mask = masking.nm_magnitude_mask(layer.weight, layer.plan.n, layer.plan.m)
+            layer.weight.mul_(layer.mask.to(layer.weight.device))
+            masking.uninstall(layer.module)
+            layer.scores = None
+        self.score_optimizer = None
+        self.state = "baked"
+        return self.model
+
+    # ---------------------------------------------------------------- state
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Current boolean keep-masks by layer name (SR-STE: from the current weights)."""
+        self._require("attached", action="read masks")
+        return {l.plan.name: (masking.nm_magnitude_mask(l.weight, l.plan.n, l.plan.m)
+                              if l.mode == "srste" else l.mask).bool() for l in self.layers}
+
+    def state_dict(self) -> dict[str, Any]:
+        self._require("attached", action="save state")
+        return {
+            "format": STATE_FORMAT, "method": self.method, "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "fraction": self.fraction, "calibrated": self.calibrated,
+            "masks": {l.plan.name: l.mask.bool().cpu() for l in self.layers},
+            "scores": {l.plan.name: l.scores.detach().cpu() for l in self.layers if l.scores is not None},
+            "score_optimizer": self.score_optimizer.state_dict() if self.score_optimizer else None,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore masks, scores, schedule position and score-optimiser state in place."""
+        self._require("attached", action="load state")
+        if state.get("format") != STATE_FORMAT or state.get("method") != self.method:
+            raise ValueError(f"sparsifier state is for method {state.get('method')!r} "
+                             f"(format {state.get('format')}), this is {self.method!r}")
+        names = [l.plan.name for l in self.layers]
+        if sorted(state["masks"]) != sorted(names):
+            missing = sorted(set(names) - set(state["masks"]))
+            extra = sorted(set(state["masks"]) - set(names))
+            raise ValueError(f"sparsifier state does not match the model: missing {missing}, unexpected {extra}")
+        for layer in self.layers:
+            mask = state["masks"][layer.plan.name]
+            if mask.shape != layer.mask.shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape "
+                                 f"{tuple(layer.mask.shape)} for {layer.plan.name}")
+            layer.mask.copy_(mask)
+            if layer.scores is not None:
+                layer.scores.copy_(state["scores"][layer.plan.name])
+        if self.score_optimizer is not None and state["score_optimizer"] is not None:
+            self.score_optimizer.load_state_dict(state["score_optimizer"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.fraction = state["global_step"], state["fraction"]
+        self.calibrated = state["calibrated"]
+
+    # ---------------------------------------------------------------- reporting
+    @torch.no_grad()
+    def report(self) -> list[LayerReport]:
+        """Per layer: shape, whether targeted, pattern, achieved sparsity, reason if dense."""
+        modules = dict(self.model.named_modules())
+        live = {l.plan.name: l for l in self.layers} if self.state == "attached" else {}
+        masks = self.masks() if live else {}
+        rows = []
+        for plan in self.plans:
+            w = modules[plan.name].weight
+            zeros = (~masks[plan.name]).sum() if plan.name in masks else (w == 0).sum()
+            rows.append(LayerReport(plan.name, type(modules[plan.name]).__name__, tuple(w.shape),
+                                    w.numel(), plan.kind != "dense", plan.pattern,
+                                    float(zeros) / w.numel(), plan.reason))
+        return rows
+
+    def sparsity(self) -> float:
+        """Fraction of zeros over all targeted weights."""
+        rows = [r for r in self.report() if r.targeted]
+        total = sum(r.numel for r in rows)
+        return sum(r.sparsity * r.numel for r in rows) / total if total else 0.0
