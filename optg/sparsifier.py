@@ -95,9 +95,11 @@ class Sparsifier:
     # ---------------------------------------------------------------- lifecycle checks
     def _require(self, *states: str, action: str) -> None:
         if self.state not in states:
-            hint = {"created": "call attach() first", "baked": "the model is already baked"}
+            hint = {"created": "call attach() first",
+                    "attached": "it is already attached",
+                    "baked": "the model is already baked; create a new sparsifier"}
             raise LifecycleError(f"cannot {action}: sparsifier is {self.state!r} "
-                                 f"({hint.get(self.state, 'see the lifecycle in optg docs')})")
+                                 f"({hint[self.state]})")
 
     # ---------------------------------------------------------------- attach
     def attach(self) -> "Sparsifier":
