@@ -1,0 +1,190 @@
+"""The training stage: one loop for the dense phase and for sparse training.
+
+Deterministic on CPU given the seed: each epoch's shuffle is seeded by (seed, epoch), and
+the full state (model, optimiser, LR schedule, sparsifier, RNG, history) is returned by
+`state_dict()` after every epoch so a resumed run reaches the same result.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from optg import Sparsifier
+from stages.base import StageError, StrictModel
+from stages.data import DataBundle
+
+
+class OptimizerConfig(StrictModel):
+    """SGD (momentum, optional Nesterov) or AdamW. Weight decay applies to weights only,
+    never to OptG scores (those have their own optimiser)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainConfig(StrictModel):
+    """A training phase: epochs, optimiser, cosine LR with linear warm-up."""
+
+    epochs: int = Field(ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = Field(True, description="bf16 autocast on CUDA devices that support it; ignored on CPU")
+    grad_clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_training(self) -> "TrainConfig":
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        return self
+
+
+@dataclass
+class EpochRecord:
+    phase: str
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_accuracy: float
+    sparsity: float
+    lr: float
+    seconds: float
+
+
+def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up to 1, then cosine to 0 over the rest."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, bundle: DataBundle, split: str, device: torch.device,
+             batch_size: int = 256) -> float:
+    """Top-1 accuracy on a split."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in bundle.loader(split, batch_size, shuffle=False):
+        logits = model(x.to(device))
+        correct += int((logits.argmax(1).cpu() == y).sum())
+        total += y.numel()
+    model.train(was_training)
+    return correct / max(1, total)
+
+
+class Trainer:
+    """Runs epochs [next_epoch, cfg.epochs) of one phase, optionally with a sparsifier."""
+
+    def __init__(self, model: nn.Module, bundle: DataBundle, cfg: TrainConfig, *, phase: str,
+                 device: torch.device, seed: int, batch_size: int, eval_batch_size: int = 256,
+                 sparsifier: Sparsifier | None = None, progress: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.model, self.bundle, self.cfg, self.phase = model, bundle, cfg, phase
+        self.device, self.seed, self.batch_size = device, seed, batch_size
+        self.eval_batch_size = eval_batch_size
+        self.sparsifier, self.progress, self.log = sparsifier, progress, log
+        self.optimizer = make_optimizer(model.parameters(), cfg.optimizer)
+        self.steps_per_epoch = len(bundle.loader("train", batch_size, shuffle=True, seed=0))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(cfg.epochs * self.steps_per_epoch,
+                                          cfg.warmup_epochs * self.steps_per_epoch))
+        self.autocast = (device.type == "cuda" and cfg.amp and torch.cuda.is_bf16_supported())
+        self.next_epoch = 0
+        self.history: list[EpochRecord] = []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase, "next_epoch": self.next_epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sparsifier": self.sparsifier.state_dict() if self.sparsifier else None,
+            "history": [asdict(r) for r in self.history],
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["phase"] != self.phase:
+            raise StageError(f"checkpoint is for phase {state['phase']!r}, not {self.phase!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.sparsifier is not None:
+            self.sparsifier.load_state_dict(state["sparsifier"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.next_epoch = state["next_epoch"]
+        torch.set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ loop
+    def run(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> list[EpochRecord]:
+        self.model.to(self.device).train()
+        for epoch in range(self.next_epoch, self.cfg.epochs):
+            started = time.perf_counter()
+            if self.sparsifier is not None:
+                self.sparsifier.start_epoch(epoch)
+            loss_sum, correct, seen = self._train_epoch(epoch)
+            val = evaluate(self.model, self.bundle, "val", self.device, self.eval_batch_size)
+            sparsity = self.sparsifier.sparsity() if self.sparsifier else 0.0
+            record = EpochRecord(self.phase, epoch, loss_sum / max(1, seen), correct / max(1, seen),
+                                 val, sparsity, self.optimizer.param_groups[0]["lr"],
+                                 time.perf_counter() - started)
+            self.history.append(record)
+            self.next_epoch = epoch + 1
+            if not self.progress:
+                self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
+                         f"val_acc {val:.4f} sparsity {sparsity:.3f} ({record.seconds:.1f}s)")
+            if on_epoch_end is not None:
+                on_epoch_end(self)
+        return self.history
+
+    def _train_epoch(self, epoch: int) -> tuple[float, int, int]:
+        loader = self.bundle.loader("train", self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch)
+        bar = tqdm(loader, desc=f"{self.phase} {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise StageError(f"{self.phase}: loss is {value} at epoch {epoch + 1}, step {step + 1}; "
+                                 f"lower {self.phase}.optimizer.lr (now {self.cfg.optimizer.lr}) or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            if self.sparsifier is not None:
+                self.sparsifier.step(lr=lr)
+            self.scheduler.step()
+            loss_sum += value * y.numel()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.numel()
+            bar.set_postfix(loss=f"{value:.3f}")
+        return loss_sum, correct, seen
