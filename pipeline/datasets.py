@@ -1,0 +1,388 @@
+"""Built-in datasets and the `DATASETS` registry.
+
+Each factory is `factory(cfg: DataConfig, seed: int) -> DataBundle`. Options are validated
+with a small strict pydantic model per dataset, so a typo lists the valid option names.
+Splits are carved deterministically from `seed` (see `stages.data.split_arrays`); nothing is
+downloaded or written to disk.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import pickle
+import random
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import numpy as np
+import torch
+from pydantic import Field, ValidationError, field_validator
+from torch.utils.data import Dataset, Subset
+
+from optg.registry import Registry
+from stages.base import StageError, StrictModel
+from stages.data import DataBundle, DataConfig, bundle_from_arrays, split_arrays
+
+DatasetFactory = Callable[[DataConfig, int], DataBundle]
+
+DATASETS: Registry[DatasetFactory] = Registry[DatasetFactory]("dataset")
+
+OptionsT = TypeVar("OptionsT", bound=StrictModel)
+
+
+class NoOptions(StrictModel):
+    """For datasets that take no options."""
+
+
+def parse_options(dataset: str, schema: type[OptionsT], options: Mapping[str, Any]) -> OptionsT:
+    """Validate `options` against `schema`; StageError names the dataset and valid options."""
+    valid = list(schema.model_fields)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise StageError(
+            f"dataset {dataset!r}: unknown option(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(valid) if valid else '(none)'}"
+        )
+    try:
+        return schema.model_validate(dict(options))
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise StageError(f"dataset {dataset!r}: invalid options: {details}") from None
+
+
+def _no_path(dataset: str, cfg: DataConfig) -> None:
+    if cfg.path is not None:
+        raise StageError(f"dataset {dataset!r} is built in and takes no path, got {cfg.path!r}")
+
+
+def _need_path(dataset: str, cfg: DataConfig, what: str) -> Path:
+    if cfg.path is None:
+        raise StageError(f"dataset {dataset!r} needs `path`: {what}")
+    return Path(cfg.path).expanduser()
+
+
+# --------------------------------------------------------------------------- digits
+
+
+@DATASETS.register("digits")
+def digits(cfg: DataConfig, seed: int) -> DataBundle:
+    """sklearn's 8x8 digits (1797 images), scaled to [0, 1], stratified test/val by seed."""
+    parse_options("digits", NoOptions, cfg.options)
+    _no_path("digits", cfg)
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = (raw.images / 16.0).astype(np.float32)[:, None, :, :]
+    return bundle_from_arrays("digits", cfg, seed, (x, raw.target), num_classes=10)
+
+
+# --------------------------------------------------------------------------- mnist1d
+
+
+class Mnist1dOptions(StrictModel):
+    num_samples: int | None = Field(None, ge=20, description="package default: 5000")
+    seed: int | None = Field(None, description="generation seed; package default: 42")
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(num_samples: int | None, gen_seed: int | None) -> tuple[np.ndarray, ...]:
+    """Generate MNIST-1D in memory (make_dataset, not get_dataset, which caches a pickle in the
+    working directory). make_dataset reseeds the global `random`/numpy RNGs, so their state is
+    saved and restored around it. Cached per process: generation takes ~2 s."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    if num_samples is not None:
+        args.num_samples = num_samples
+    if gen_seed is not None:
+        args.seed = gen_seed
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    arrays = tuple(
+        np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")
+    )
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+@DATASETS.register("mnist1d")
+def mnist1d(cfg: DataConfig, seed: int) -> DataBundle:
+    """MNIST-1D generated in memory: x (1, 40) float32, the package's 80/20 train/test split,
+    val carved from train by `seed`. Options `num_samples`, `seed` (generation)."""
+    opts = parse_options("mnist1d", Mnist1dOptions, cfg.options)
+    _no_path("mnist1d", cfg)
+    x, y, x_test, y_test = _mnist1d_arrays(opts.num_samples, opts.seed)
+    return bundle_from_arrays(
+        "mnist1d", cfg, seed, (x, y), test=(x_test, y_test), num_classes=10
+    )
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+class SyntheticOptions(StrictModel):
+    shape: list[int] = Field(default_factory=lambda: [1, 8, 8], min_length=1)
+    num_classes: int = Field(4, ge=2)
+    num_samples: int = Field(512, ge=4)
+    noise: float = Field(0.5, ge=0.0)
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_dims(cls, value: list[int]) -> list[int]:
+        if any(d <= 0 for d in value):
+            raise ValueError(f"all dims must be > 0, got {value}")
+        return value
+
+
+@DATASETS.register("synthetic")
+def synthetic(cfg: DataConfig, seed: int) -> DataBundle:
+    """One Gaussian template per class plus `noise` * N(0, 1), from a generator seeded by
+    `seed`: learnable well above chance, instant to make, for tests and smoke runs."""
+    opts = parse_options("synthetic", SyntheticOptions, cfg.options)
+    _no_path("synthetic", cfg)
+    generator = torch.Generator().manual_seed(seed)
+    templates = torch.randn(opts.num_classes, *opts.shape, generator=generator)
+    y = torch.randperm(opts.num_samples, generator=generator) % opts.num_classes
+    x = templates[y] + opts.noise * torch.randn(opts.num_samples, *opts.shape, generator=generator)
+    return bundle_from_arrays(
+        "synthetic", cfg, seed, (x.numpy(), y.numpy()), num_classes=opts.num_classes
+    )
+
+
+# --------------------------------------------------------------------------- npz
+
+
+class NpzOptions(StrictModel):
+    num_classes: int | None = Field(None, ge=1, description="default: max label + 1")
+
+
+_NPZ_EXPLICIT = ("x_train", "y_train", "x_test", "y_test")
+
+
+@DATASETS.register("npz")
+def npz(cfg: DataConfig, seed: int) -> DataBundle:
+    """Arrays from a .npz: `x`,`y` (split by test/val fractions) or explicit
+    `x_train`,`y_train`,`x_test`,`y_test` with optional `x_val`,`y_val`."""
+    opts = parse_options("npz", NpzOptions, cfg.options)
+    path = _need_path("npz", cfg, "a .npz file with x/y or x_train/y_train/x_test/y_test")
+    if not path.is_file():
+        raise StageError(f"dataset 'npz': file not found: {str(path)!r}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise StageError(f"dataset 'npz': cannot read {str(path)!r} as .npz: {exc}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise StageError(f"dataset 'npz': {str(path)!r} holds a single array, not a .npz archive")
+    with archive:
+        keys = sorted(archive.files)
+
+        def get(key: str) -> np.ndarray:
+            try:
+                return archive[key]
+            except ValueError as exc:  # object arrays need pickle, which we refuse
+                raise StageError(
+                    f"dataset 'npz': array {key!r} in {str(path)!r} is not numeric "
+                    f"(object array): {exc}"
+                ) from exc
+
+        found = f"found keys: {', '.join(keys) if keys else '(none)'}"
+        if any(k in keys for k in _NPZ_EXPLICIT):
+            missing = [k for k in _NPZ_EXPLICIT if k not in keys]
+            if missing:
+                raise StageError(
+                    f"dataset 'npz': {str(path)!r} has explicit splits but lacks "
+                    f"{', '.join(missing)}; {found}"
+                )
+            has_val = [k for k in ("x_val", "y_val") if k in keys]
+            if len(has_val) == 1:
+                raise StageError(
+                    f"dataset 'npz': {str(path)!r} has {has_val[0]} without its pair; {found}"
+                )
+            train = (get("x_train"), get("y_train"))
+            test: tuple[np.ndarray, np.ndarray] | None = (get("x_test"), get("y_test"))
+            val = (get("x_val"), get("y_val")) if has_val else None
+        elif "x" in keys and "y" in keys:
+            train, test, val = (get("x"), get("y")), None, None
+        else:
+            raise StageError(
+                f"dataset 'npz': {str(path)!r} needs arrays x, y or x_train, y_train, x_test, "
+                f"y_test (optionally x_val, y_val); {found}"
+            )
+    return bundle_from_arrays(
+        "npz", cfg, seed, train, test=test, val=val, num_classes=opts.num_classes
+    )
+
+
+# --------------------------------------------------------------------------- cifar10
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR10_TEST = "test_batch"
+
+
+class Cifar10Options(StrictModel):
+    augment: bool = Field(False, description="random 4-px-pad crop + horizontal flip on train")
+
+
+class AugmentedTensorDataset(Dataset):
+    """Image tensors with the standard CIFAR augmentation (pad-4 random crop, random flip).
+
+    Draws from torch's global RNG, so it is reproducible under torch.manual_seed with
+    num_workers=0. `tensors` exposes the un-augmented data like TensorDataset does.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, pad: int = 4) -> None:
+        self.tensors = (x, y)
+        self.pad = pad
+
+    def __len__(self) -> int:
+        return len(self.tensors[1])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.tensors[0][index], self.tensors[1][index]
+        _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (self.pad,) * 4)
+        top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
+        x = padded[:, top : top + h, left : left + w]
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, y
+
+
+def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with file.open("rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        data = batch.get(b"data", batch.get("data"))
+        labels = batch.get(b"labels", batch.get("labels"))
+    except Exception as exc:
+        raise StageError(f"dataset 'cifar10': cannot read batch {str(file)!r}: {exc}") from exc
+    if data is None or labels is None:
+        raise StageError(
+            f"dataset 'cifar10': batch {str(file)!r} lacks b'data'/b'labels'; "
+            f"keys: {sorted(map(str, batch))}"
+        )
+    data = np.asarray(data)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise StageError(
+            f"dataset 'cifar10': batch {str(file)!r} data has shape {data.shape}, "
+            "expected (N, 3072)"
+        )
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels)
+
+
+def _normalise_cifar(x: np.ndarray) -> np.ndarray:
+    mean = np.asarray(CIFAR10_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(CIFAR10_STD, dtype=np.float32)[:, None, None]
+    return (x.astype(np.float32) / 255.0 - mean) / std
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg: DataConfig, seed: int) -> DataBundle:
+    """CIFAR-10 python-format batches (data_batch_1..5, test_batch) at `path` or at
+    `path`/cifar-10-batches-py; normalised with the CIFAR mean/std, x (3, 32, 32)."""
+    opts = parse_options("cifar10", Cifar10Options, cfg.options)
+    root = _need_path("cifar10", cfg, "the CIFAR-10 python-format folder (cifar-10-batches-py)")
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    if not root.is_dir():
+        raise StageError(f"dataset 'cifar10': folder not found: {str(root)!r}")
+    missing = [n for n in (*_CIFAR10_TRAIN, _CIFAR10_TEST) if not (root / n).is_file()]
+    if missing:
+        found = sorted(p.name for p in root.iterdir())
+        raise StageError(
+            f"dataset 'cifar10': {str(root)!r} lacks {', '.join(missing)}; "
+            f"found: {', '.join(found) if found else '(empty)'}"
+        )
+    parts = [_read_cifar_batch(root / n) for n in _CIFAR10_TRAIN]
+    x_train = _normalise_cifar(np.concatenate([p[0] for p in parts]))
+    y_train = np.concatenate([p[1] for p in parts])
+    x_test, y_test = _read_cifar_batch(root / _CIFAR10_TEST)
+    bundle = bundle_from_arrays(
+        "cifar10", cfg, seed, (x_train, y_train), test=(_normalise_cifar(x_test), y_test),
+        num_classes=10,
+    )
+    if opts.augment:
+        bundle.train = AugmentedTensorDataset(*bundle.train.tensors)  # type: ignore[attr-defined]
+    return bundle
+
+
+# --------------------------------------------------------------------------- imagefolder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageFolderOptions(StrictModel):
+    image_size: int = Field(224, gt=0, description="crop size fed to the model")
+    resize: int = Field(256, gt=0, description="eval: resize shorter side, then center-crop")
+    augment: bool = Field(True, description="train: RandomResizedCrop + horizontal flip")
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
+    """ImageNet-style `path/train/<class>/*` and `path/val/<class>/*` (needs torchvision).
+
+    With a `path/test/` folder: val = val/, test = test/. Without one, val/ is the held-out
+    test set (as ImageNet results are reported on it) and val is carved from train by
+    `val_fraction` using the eval transforms.
+    """
+    opts = parse_options("imagefolder", ImageFolderOptions, cfg.options)
+    root = _need_path("imagefolder", cfg, "a root with train/ and val/ class folders")
+    try:
+        tv_datasets = importlib.import_module("torchvision.datasets")
+        transforms = importlib.import_module("torchvision.transforms")
+    except ImportError as exc:
+        raise StageError(
+            "dataset 'imagefolder' needs torchvision, which is not installed; "
+            "install optg-pipeline[vision]"
+        ) from exc
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise StageError(f"dataset 'imagefolder': missing folder {str(root / sub)!r}")
+    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    eval_tf = transforms.Compose([
+        transforms.Resize(opts.resize), transforms.CenterCrop(opts.image_size),
+        transforms.ToTensor(), normalise,
+    ])
+    train_tf = transforms.Compose([
+        transforms.RandomResizedCrop(opts.image_size), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), normalise,
+    ]) if opts.augment else eval_tf
+
+    train_aug = tv_datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    classes = train_aug.classes
+
+    def folder(sub: str) -> Dataset:
+        ds = tv_datasets.ImageFolder(str(root / sub), transform=eval_tf)
+        if ds.classes != classes:
+            raise StageError(
+                f"dataset 'imagefolder': classes in {sub}/ differ from train/ "
+                f"({len(ds.classes)} vs {len(classes)} folders)"
+            )
+        return ds
+
+    if (root / "test").is_dir():
+        train: Dataset = train_aug
+        val, test = folder("val"), folder("test")
+    else:
+        test = folder("val")
+        targets = np.asarray(train_aug.targets)
+        index = np.arange(len(targets))
+        (keep, _), (carve, _) = split_arrays(index, targets, cfg.val_fraction, seed)
+        train = Subset(train_aug, keep.tolist())
+        train_eval = tv_datasets.ImageFolder(str(root / "train"), transform=eval_tf)
+        val = Subset(train_eval, carve.tolist())
+    return DataBundle(
+        name="imagefolder", train=train, val=val, test=test,
+        input_shape=(3, opts.image_size, opts.image_size), num_classes=len(classes),
+    )
