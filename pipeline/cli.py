@@ -1,0 +1,117 @@
+"""`optg`: run, check and inspect.
+
+Exit codes (stable, for release scripts): 0 ok; 2 config or usage error; 3 a gate failed
+(accuracy drop, ONNX parity, N:M pattern); 1 anything else; 130 interrupted (rerun resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep its message short
+        self.print_usage(sys.stderr)
+        print(f"optg: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="optg", description="Train sparse with OptG, bake, gate, export and verify 2:4-ready ONNX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the pipeline of a config (resumes an interrupted run)")
+    run.add_argument("config")
+    run.add_argument("--out", type=Path, help="run directory (default runs/<name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value by dotted key, e.g. --set sparsity.target=0.98")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--force", action="store_true", help="replace a run directory made by another config")
+
+    check = sub.add_parser("check", help="validate a config without running anything")
+    check.add_argument("config")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--print", dest="print_config", action="store_true", help="print the resolved config")
+
+    inspect = sub.add_parser("inspect", help="read back weights, sparsity and N:M compliance of any ONNX file")
+    inspect.add_argument("model")
+    inspect.add_argument("--pattern", help="require this N:M pattern on every eligible weight, e.g. 2:4")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"device={args.device}")
+    return load_config(args.config, overrides)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pipeline.config import config_hash, dump_yaml
+
+    cfg = _load(args)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+    print(f"{args.config}: ok ({cfg.sparsity.method}, {cfg.sparsity.pattern}"
+          f"{'' if cfg.sparsity.target is None else f' at {cfg.sparsity.target}'}; config hash {config_hash(cfg)[:12]})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import RunOptions, Runner
+    from stages.base import GateFailure
+
+    cfg = _load(args)
+    options = RunOptions(out=args.out, force=args.force, quiet=args.quiet,
+                         progress=not args.quiet and sys.stderr.isatty())
+    runner = Runner(cfg, options)
+    try:
+        manifest = runner.execute()
+    except GateFailure as exc:
+        print(f"optg: gate failed ({exc.gate}): {exc}", file=sys.stderr)
+        print(f"optg: see {runner.run.path / 'report.md'} and manifest.json", file=sys.stderr)
+        return EXIT_GATE
+    m = manifest["metrics"]
+    summary = {"status": manifest["status"], "run_dir": str(runner.run.path),
+               "dense_accuracy": m.get("dense_accuracy"), "sparse_accuracy": m.get("sparse_accuracy"),
+               "targeted_sparsity": m.get("targeted_sparsity"), "parity_max_abs_error": m.get("parity_max_abs_error")}
+    if not args.quiet:
+        print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect_cmd import run_inspect
+
+    return run_inspect(args.model, args.pattern, args.json, sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.rundir import RunDirConflict
+
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "check": cmd_check, "inspect": cmd_inspect}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, RunDirConflict) as exc:
+        print(f"optg: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("optg: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the top of the CLI: one clear line, no traceback
+        print(f"optg: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
