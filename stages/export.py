@@ -1,0 +1,329 @@
+"""Export stage: the baked PyTorch model to an ONNX file whose zeros survive, written atomically.
+
+The dynamo exporter (torch.export + onnxscript) is the default; with `exporter: auto` the legacy
+TorchScript exporter is tried only if dynamo fails, and the result says so in `warnings`. What
+torch 2.13's dynamo exporter does to the graph (the verify stage relies on this knowledge):
+- parameter initializers keep their PyTorch names ("features.0.weight");
+- eval-mode BatchNorm after a Conv is folded into it: the Conv weight keeps the conv's name but
+  its values are scaled per output channel (zeros survive), a bias "<name>_bias" may be added;
+- `nn.Linear` on 2-D input becomes Gemm(transB=1) on the original weight; on 3-D input it becomes
+  MatMul with a pre-transposed constant [in, out] renamed "val_N" (node metadata keeps the module
+  path in "pkg.torch.onnx.name_scopes").
+
+fp16 exports the half-precision model; if tracing fails in fp16, the fp32 graph is exported and
+its float tensors converted to fp16 (a warning says so). `compact: true` also writes
+"<stem>.compact.onnx" where every float initializer with sparsity >= COMPACT_MIN_SPARSITY whose COO
+form is actually smaller is stored as a sparse initializer (int64 linear indices, as ONNX
+requires: for fp32 that pays from about 67% zeros, for fp16 from 80%; 2:4 weights stay dense).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from pydantic import field_validator
+from torch import nn
+
+from stages.base import StageError, StrictModel
+
+COMPACT_MIN_SPARSITY = 0.5
+_COMPACT_MIN_NUMEL = 64  # tiny tensors are not worth an index array
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold 2 GB: spill weights to "<name>.data"
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+
+
+class ExportConfig(StrictModel):
+    """How to write the ONNX file."""
+
+    enabled: bool = True
+    opset: int = 18
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    dynamic_batch: bool = True
+    input_name: str = "input"
+    output_name: str = "logits"
+    compact: bool = False
+    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+
+    @field_validator("opset")
+    @classmethod
+    def _sane_opset(cls, value: int) -> int:
+        if not 17 <= value <= 23:
+            raise ValueError(f"opset must be within 17..23 (LayerNormalization needs 17), got {value}")
+        return value
+
+    @field_validator("input_name", "output_name")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("tensor names must not be empty")
+        return value
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str
+    seconds: float
+    size_bytes: int
+    warnings: list[str]
+    compact_path: Path | None
+    compact_size_bytes: int | None
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: ExportConfig,
+                metadata: dict[str, str]) -> ExportResult:
+    """Export `model` (eval mode) to `path`; raise StageError when every exporter fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    notes: list[str] = []
+    example = example_input.detach()
+    if cfg.dynamic_batch and example.shape[0] == 1:
+        # torch.export specialises a batch of 1 to a constant; trace with 2 to keep it symbolic
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    exporters = ["dynamo", "torchscript"] if cfg.exporter == "auto" else [cfg.exporter]
+
+    training = {m: m.training for m in model.modules()}
+    try:
+        if cfg.dtype == "fp16":
+            work = copy.deepcopy(model).half().eval()
+            half = example.half() if example.is_floating_point() else example
+            proto, used, errors = _try_exporters(work, half, cfg, exporters, notes)
+            if proto is None:
+                fp32 = copy.deepcopy(model).float().eval()
+                proto, used, errors32 = _try_exporters(fp32, _as_fp32(example), cfg, exporters, notes)
+                if proto is not None:
+                    notes.append("fp16 tracing failed (" + "; ".join(errors) + "); exported fp32 "
+                                 "and converted its float tensors to fp16")
+                    proto = convert_float_type(proto, TensorProto.FLOAT, TensorProto.FLOAT16)
+                errors += errors32
+        else:
+            work = model.eval() if _is_fp32(model) else copy.deepcopy(model).float().eval()
+            proto, used, errors = _try_exporters(work, _as_fp32(example), cfg, exporters, notes)
+    finally:
+        for module, flag in training.items():
+            module.train(flag)
+    if proto is None:
+        raise StageError("ONNX export failed: " + " | ".join(errors))
+
+    props = {**{str(k): str(v) for k, v in metadata.items()}, "exporter": used, "dtype": cfg.dtype,
+             "opset": str(cfg.opset)}
+    set_metadata(proto, props)
+    atomic_save(proto, path)
+
+    compact_path = compact_size = None
+    if cfg.compact:
+        compact_path = path.with_name(path.stem + ".compact.onnx")
+        atomic_save(make_compact(proto), compact_path)
+        compact_size = compact_path.stat().st_size
+    return ExportResult(path=path, exporter=used, seconds=time.perf_counter() - start,
+                        size_bytes=path.stat().st_size, warnings=notes, compact_path=compact_path,
+                        compact_size_bytes=compact_size)
+
+
+def _as_fp32(example: torch.Tensor) -> torch.Tensor:
+    return example.float() if example.is_floating_point() else example
+
+
+def _is_fp32(model: nn.Module) -> bool:
+    return all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _try_exporters(model: nn.Module, example: torch.Tensor, cfg: ExportConfig, exporters: list[str],
+                   notes: list[str]) -> tuple[onnx.ModelProto | None, str, list[str]]:
+    """First exporter that works wins; a fallback after a failure is noted as a warning."""
+    errors: list[str] = []
+    for name in exporters:
+        try:
+            with _quiet(notes):
+                proto = _export_dynamo(model, example, cfg) if name == "dynamo" else \
+                    _export_torchscript(model, example, cfg)
+        except Exception as exc:  # noqa: BLE001 - every exporter failure is reported together
+            errors.append(f"{name}: {type(exc).__name__}: {_first_lines(str(exc))}")
+            continue
+        if errors:
+            notes.append(f"fell back to the {name} exporter because " + "; ".join(errors))
+        return proto, name, errors
+    return None, "", errors
+
+
+def _first_lines(text: str, limit: int = 800) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+@contextlib.contextmanager
+def _quiet(notes: list[str]) -> Iterator[None]:
+    """Silence exporter chatter (stdout, INFO/WARNING logs); keep its UserWarnings as notes."""
+    levels = {}
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        levels[name] = logger.level
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught, \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            if issubclass(w.category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning)):
+                continue
+            text = f"{w.category.__name__}: {_first_lines(str(w.message), 300)}"
+            if text not in notes:
+                notes.append(text)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) -> onnx.ModelProto:
+    dynamic = ({0: torch.export.Dim("batch")},) if cfg.dynamic_batch else None
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, verbose=False, opset_version=cfg.opset,
+        input_names=[cfg.input_name], output_names=[cfg.output_name],
+        dynamic_shapes=dynamic, optimize=True, report=False,
+    )
+    if program is None:
+        raise RuntimeError("dynamo exporter returned no program")
+    return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) -> onnx.ModelProto:
+    axes = {cfg.input_name: {0: "batch"}, cfg.output_name: {0: "batch"}} if cfg.dynamic_batch else None
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(
+            model, (example,), target, dynamo=False, verbose=False, opset_version=cfg.opset,
+            input_names=[cfg.input_name], output_names=[cfg.output_name], dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+        return onnx.load(target, load_external_data=True)
+
+
+def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Merge `props` into the model's metadata_props (new values win)."""
+    merged = {p.key: p.value for p in proto.metadata_props}
+    merged.update(props)
+    del proto.metadata_props[:]
+    for key, value in merged.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
+def atomic_save(proto: onnx.ModelProto, path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: never a truncated file.
+
+    Models over ~1.8 GB keep their weights in "<name>.data" beside the file (written before the
+    .onnx appears under its final name).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+        if weight_bytes > _EXTERNAL_DATA_BYTES:
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data")
+        else:
+            onnx.save_model(proto, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def make_compact(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of `proto` with sparse-enough float initializers stored as COO sparse initializers."""
+    out = copy.deepcopy(proto)
+    graph = out.graph
+    graph_inputs = {i.name for i in graph.input}
+    keep, moved = [], set()
+    for init in graph.initializer:
+        sparse = _to_sparse(init) if init.name not in graph_inputs else None
+        if sparse is None:
+            keep.append(init)
+        else:
+            graph.sparse_initializer.append(sparse)
+            moved.add(init.name)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    # value_info would type them as dense tensors; ONNX inference types them as sparse
+    vis = [v for v in graph.value_info if v.name not in moved]
+    del graph.value_info[:]
+    graph.value_info.extend(vis)
+    return out
+
+
+def _to_sparse(init: TensorProto) -> onnx.SparseTensorProto | None:
+    if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
+                              TensorProto.DOUBLE) or init.data_location == TensorProto.EXTERNAL:
+        return None
+    array = numpy_helper.to_array(init)
+    if array.size < _COMPACT_MIN_NUMEL:
+        return None
+    flat = array.reshape(-1)
+    idx = np.flatnonzero(flat)
+    if 1 - idx.size / flat.size < COMPACT_MIN_SPARSITY:
+        return None
+    if idx.size * (flat.itemsize + 8) >= flat.size * flat.itemsize:
+        return None  # COO with int64 indices would be larger than the dense tensor
+    values = numpy_helper.from_array(flat[idx], init.name)
+    indices = numpy_helper.from_array(idx.astype(np.int64), init.name + "_indices")
+    return helper.make_sparse_tensor(values, indices, list(array.shape))
+
+
+def convert_float_type(proto: onnx.ModelProto, src: int, dst: int) -> onnx.ModelProto:
+    """Copy of `proto` with every `src` float tensor (weights, constants, casts, I/O) as `dst`.
+
+    Used for fp16 export when tracing in half fails, and by verify to run an fp16 file in fp32
+    where ONNX Runtime CPU lacks an fp16 kernel. Value-info of intermediates is dropped.
+    """
+    out = copy.deepcopy(proto)
+    np_dst = helper.tensor_dtype_to_np_dtype(dst)
+
+    def conv_tensor(t: TensorProto) -> None:
+        if t.data_type == src:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np_dst), t.name))
+
+    def conv_graph(graph: onnx.GraphProto) -> None:
+        for t in graph.initializer:
+            conv_tensor(t)
+        for s in graph.sparse_initializer:
+            conv_tensor(s.values)
+        for vi in list(graph.input) + list(graph.output):
+            if vi.type.tensor_type.elem_type == src:
+                vi.type.tensor_type.elem_type = dst
+        del graph.value_info[:]
+        for node in graph.node:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i == src:
+                    attr.i = dst
+                elif attr.name == "dtype" and attr.type == onnx.AttributeProto.INT and attr.i == src:
+                    attr.i = dst
+                elif attr.type == onnx.AttributeProto.TENSOR:
+                    conv_tensor(attr.t)
+                elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    conv_tensor(attr.sparse_tensor.values)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    conv_graph(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        conv_graph(sub)
+
+    conv_graph(out.graph)
+    return out

@@ -1,0 +1,444 @@
+"""Verify stage: the written ONNX file is valid, computes what PyTorch computes, and keeps the sparsity.
+
+All checks run and every failure is collected (a release gate should list everything wrong at
+once). Failures are strings prefixed with their gate, "onnx_parity: ..." or "nm_pattern: ...", and
+name the output, ONNX tensor, consuming node and PyTorch weight concerned.
+
+Default tolerances: fp32 atol 1e-4 / rtol 1e-3; fp16 atol 1e-2 / rtol 1e-2 (half precision weights
+and activations against the fp32 PyTorch reference). An element passes when
+|onnx - torch| <= atol + rtol * |torch| (numpy.allclose semantics).
+
+PyTorch weights are found in the file by name first, then by the dynamo exporter's node metadata
+(the "%p_<param>" reference and module path of the consuming node, which survive the renaming of a
+Linear-on-3-D weight to "val_N"), then by node order among the remaining weights of the same
+(PyTorch-layout) shape. See stages/export.py for what the exporter does to names and BatchNorm.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto
+from pydantic import Field
+from torch import nn
+
+from optg.nm import parse_nm
+from stages.base import GateFailure, StrictModel
+from stages.export import convert_float_type
+from stages.onnx_sparsity import (OnnxWeight, check_nm, collect_weights, load_model,
+                                  weight_report)
+
+DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # (atol, rtol)
+PARITY, PATTERN = "onnx_parity", "nm_pattern"
+_NO_KERNEL = ("NOT_IMPLEMENTED", "Could not find an implementation")
+
+
+class VerifyConfig(StrictModel):
+    """What the verify stage checks and how strictly."""
+
+    enabled: bool = True
+    atol: float | None = Field(default=None, ge=0)  # None: 1e-4 for fp32, 1e-2 for fp16
+    rtol: float | None = Field(default=None, ge=0)  # None: 1e-3 for fp32, 1e-2 for fp16
+    num_samples: int = Field(default=256, ge=1)
+    check_pattern: bool = True
+    sparsity_tolerance: float = Field(default=0.001, ge=0, le=1)
+
+    def tolerances(self, dtype: str) -> tuple[float, float]:
+        atol, rtol = DEFAULT_TOLERANCES[dtype]
+        return (atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
+
+
+@dataclass
+class LayerExpectation:
+    """What PyTorch says about one baked weight."""
+
+    torch_name: str
+    pattern: str  # "N:M", "unstructured" or "dense"
+    sparsity: float
+
+
+@dataclass
+class VerifyResult:
+    passed: bool
+    failures: list[str]
+    outputs: list[dict]
+    layers: list[dict]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def raise_on_failure(result: VerifyResult) -> None:
+    """GateFailure listing every failure; the gate is onnx_parity if any parity check failed."""
+    if result.passed:
+        return
+    gate = PARITY if any(f.startswith(PARITY) for f in result.failures) else PATTERN
+    raise GateFailure(gate, f"ONNX verification failed ({len(result.failures)} problem(s)):\n- "
+                      + "\n- ".join(result.failures))
+
+
+def verify_onnx(path: Path, model: nn.Module, inputs: torch.Tensor,
+                expectations: list[LayerExpectation], cfg: VerifyConfig,
+                dtype: str = "fp32") -> VerifyResult:
+    """Check the file at `path` against `model` on `inputs[:cfg.num_samples]`."""
+    path = Path(path)
+    if dtype not in DEFAULT_TOLERANCES:
+        raise ValueError(f"dtype must be one of {sorted(DEFAULT_TOLERANCES)}, got {dtype!r}")
+    failures: list[str] = []
+    notes: list[str] = []
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker raises several exception types
+        failures.append(f"{PARITY}: onnx.checker rejects {path.name}: {_short(exc)}")
+    try:
+        proto = load_model(path)
+    except Exception as exc:  # noqa: BLE001
+        failures.append(f"{PARITY}: cannot load {path}: {_short(exc)}")
+        return VerifyResult(False, failures, [], [], notes)
+
+    atol, rtol = cfg.tolerances(dtype)
+    weights = collect_weights(proto, base_dir=str(path.parent))
+    # map every PyTorch weight (not only the expected ones) so the layer table names them all
+    extra = [n for n, p in model.named_parameters() if p.dim() >= 2]
+    matches = match_weights(expectations, weights, model, also=extra)
+    layers = _layer_reports(weights, matches, expectations, model, dtype, cfg.sparsity_tolerance)
+
+    feed = inputs[: cfg.num_samples].detach()
+    outputs, parity_fail, onnx_outs = _parity(path, proto, model, feed, atol, rtol, dtype, notes)
+    if parity_fail:
+        suspects = [f"'{d['name']}' (node {d['node']}, torch {d['torch_name']}: {d['value_check']})"
+                    for d in layers if d.get("value_check") == "differs"
+                    or (d.get("value_check") == "rescaled" and d["op"] != "Conv")]
+        if suspects:
+            parity_fail = [f + "; weights not equal to PyTorch: " + ", ".join(suspects)
+                           for f in parity_fail]
+    failures += [f"{PARITY}: {f}" for f in parity_fail]
+
+    compact = path.with_name(path.stem + ".compact.onnx")
+    if compact.exists() and onnx_outs is not None:
+        failures += [f"{PARITY}: {f}" for f in _compact_parity(compact, feed, onnx_outs, atol, rtol, notes)]
+
+    if cfg.check_pattern:
+        failures += [f"{PATTERN}: {f}" for f in _pattern_failures(
+            expectations, matches, model, path.name, cfg.sparsity_tolerance, notes)]
+    return VerifyResult(not failures, failures, outputs, layers, notes)
+
+
+def _short(exc: BaseException, limit: int = 600) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+
+def _torch_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def match_weights(expectations: list[LayerExpectation], weights: list[OnnxWeight],
+                  model: nn.Module, also: Sequence[str] = ()) -> dict[str, tuple[OnnxWeight, str]]:
+    """torch_name -> (ONNX weight, how it was found: name | metadata | scope | order).
+
+    `also` names more PyTorch weights to locate for the report; they take part in the order
+    fallback only after every expectation has had its turn.
+    """
+    shapes = _torch_shapes(model)
+    order = {n: i for i, n in enumerate(shapes)}
+    claimed: set[int] = set()
+    found: dict[str, tuple[OnnxWeight, str]] = {}
+
+    def fits(w: OnnxWeight, name: str) -> bool:
+        want = shapes.get(name)
+        return want is None or tuple(w.torch_layout().shape) == tuple(want)
+
+    def take(name: str, how: str, pred) -> bool:
+        for i, w in enumerate(weights):
+            if i not in claimed and pred(w) and fits(w, name):
+                claimed.add(i)
+                found[name] = (w, how)
+                return True
+        return False
+
+    primary = sorted({e.torch_name for e in expectations}, key=lambda n: order.get(n, len(order)))
+    secondary = [n for n in also if n not in set(primary)]
+    every = primary + secondary
+    for name in every:
+        take(name, "name", lambda w, n=name: w.name == n)
+    for name in every:
+        if name in found:
+            continue
+        flat = name.replace(".", "_")
+        module = name.rsplit(".", 1)[0] if name.endswith(".weight") else None
+        if not take(name, "metadata", lambda w: flat in w.fx_params) and module is not None:
+            take(name, "scope", lambda w: w.scope == module)
+    for name in every:
+        if name not in found and name in shapes:
+            take(name, "order", lambda w: True)
+    return found
+
+
+# ----------------------------------------------------------------------------- per-layer checks
+
+
+def _layer_reports(weights: list[OnnxWeight], matches: dict[str, tuple[OnnxWeight, str]],
+                   expectations: list[LayerExpectation], model: nn.Module, dtype: str,
+                   tolerance: float) -> list[dict]:
+    """One row per ONNX weight; pattern_ok judges the expected pattern (None when dense/unmapped)."""
+    by_weight = {id(w): (name, how) for name, (w, how) in matches.items()}
+    expected = {e.torch_name: e for e in expectations}
+    params = dict(model.named_parameters())
+    reports = []
+    for w in weights:
+        torch_name, how = by_weight.get(id(w), (None, None))
+        exp = expected.get(torch_name) if torch_name else None
+        nm = _nm_or_none(exp.pattern) if exp else None
+        rep = weight_report(w, nm)
+        rep.update(torch_name=torch_name, match=how, expected_pattern=exp.pattern if exp else None,
+                   expected_sparsity=exp.sparsity if exp else None, value_check=None)
+        if exp is not None and exp.pattern == "unstructured":
+            rep["pattern_ok"] = abs(w.sparsity - exp.sparsity) <= tolerance
+        elif nm is None:
+            rep["pattern_ok"] = None
+        if torch_name in params:
+            rep["value_check"] = _value_check(w.torch_layout(), params[torch_name], dtype)
+        reports.append(rep)
+    return reports
+
+
+def _nm_or_none(pattern: str) -> tuple[int, int] | None:
+    try:
+        return parse_nm(pattern)
+    except ValueError:
+        return None
+
+
+def _value_check(onnx_w: np.ndarray, torch_w: torch.Tensor, dtype: str) -> str:
+    """'exact', 'rescaled' (per output channel, what BatchNorm folding does) or 'differs'."""
+    a = onnx_w.astype(np.float64).reshape(onnx_w.shape[0], -1)
+    b = torch_w.detach().double().cpu().numpy().reshape(a.shape[0], -1)
+    if a.shape != b.shape:
+        return "differs"
+    rtol = 2e-3 if dtype == "fp16" else 1e-6
+    atol = rtol * max(float(np.abs(b).max(initial=0.0)), 1e-12)
+    if np.allclose(a, b, rtol=rtol, atol=atol):
+        return "exact"
+    denom = (b * b).sum(axis=1)
+    ratio = np.divide((a * b).sum(axis=1), denom, out=np.zeros_like(denom), where=denom > 0)
+    scaled = ratio[:, None] * b
+    atol = rtol * max(float(np.abs(a).max(initial=0.0)), 1e-12)
+    return "rescaled" if np.allclose(a, scaled, rtol=rtol * 10, atol=atol * 10) else "differs"
+
+
+def _pattern_failures(expectations: list[LayerExpectation], matches: dict[str, tuple[OnnxWeight, str]],
+                      model: nn.Module, file: str, tolerance: float, notes: list[str]) -> list[str]:
+    shapes = _torch_shapes(model)
+    out: list[str] = []
+    for exp in expectations:
+        hit = matches.get(exp.torch_name)
+        nm = _nm_or_none(exp.pattern)
+        if exp.pattern not in ("dense", "unstructured") and nm is None:
+            out.append(f"weight '{exp.torch_name}': unknown expected pattern {exp.pattern!r}")
+            continue
+        if hit is None:
+            text = (f"weight '{exp.torch_name}' ({exp.pattern}, PyTorch shape "
+                    f"{list(shapes.get(exp.torch_name, ()))}) not found in {file}: no Conv/Gemm/MatMul "
+                    f"constant matches it by name, exporter metadata or node order and shape")
+            if exp.pattern == "dense":
+                notes.append(text)
+            else:
+                out.append(text)
+            continue
+        w, how = hit
+        where = f"ONNX tensor '{w.name}' (node {w.node}, {w.op}, torch '{exp.torch_name}', found by {how})"
+        if nm is not None:
+            check = check_nm(w.values, w.reduction_axis, *nm)
+            if not check.applicable:
+                out.append(f"{where}: reduction axis {w.reduction_axis} of shape {list(w.shape)} "
+                           f"has size {w.reduction_size}, not divisible by {nm[1]}")
+            elif not check.holds:
+                out.append(f"{where} is not {exp.pattern} along reduction axis {w.reduction_axis} of "
+                           f"shape {list(w.shape)}: {check.describe()}")
+        elif exp.pattern == "unstructured":
+            got = w.sparsity
+            if abs(got - exp.sparsity) > tolerance:
+                out.append(f"{where}: sparsity {got:.4f} in the file, {exp.sparsity:.4f} expected "
+                           f"(tolerance {tolerance})")
+    return out
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def _make_session(model: str | bytes) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _torch_outputs(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str | None, np.ndarray]]:
+    """Reference outputs in fp32, flattened to (name or None, array)."""
+    ref = model if all(p.dtype == torch.float32 for p in model.parameters()) \
+        else copy.deepcopy(model).float()
+    flags = {m: m.training for m in ref.modules()}
+    ref.eval()
+    try:
+        with torch.no_grad():
+            x = inputs.float() if inputs.is_floating_point() else inputs
+            result = ref(x)
+    finally:
+        for m, flag in flags.items():
+            m.train(flag)
+    flat: list[tuple[str | None, np.ndarray]] = []
+
+    def walk(obj: Any, name: str | None) -> None:
+        if isinstance(obj, torch.Tensor):
+            flat.append((name, obj.detach().double().cpu().numpy()))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, str(k))
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, None)
+
+    walk(result, None)
+    return flat
+
+
+_ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _run(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
+    """Run over `x`, in chunks when the file's batch dimension is fixed."""
+    meta = session.get_inputs()[0]
+    x = x.astype(_ORT_TO_NP.get(meta.type, x.dtype))
+    batch = meta.shape[0] if meta.shape else None
+    if not isinstance(batch, int) or batch <= 0 or batch == x.shape[0]:
+        return session.run(None, {meta.name: x})
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, x.shape[0], batch):
+        part = x[start:start + batch]
+        short = batch - part.shape[0]
+        if short:
+            part = np.concatenate([part, np.repeat(x[:1], short, axis=0)])
+        res = session.run(None, {meta.name: part})
+        chunks.append([r[: batch - short] for r in res])
+    return [np.concatenate(parts) for parts in zip(*chunks)]
+
+
+def _ort_outputs(path: Path, proto: onnx.ModelProto, x: np.ndarray, dtype: str,
+                 notes: list[str]) -> tuple[ort.InferenceSession, list[np.ndarray]]:
+    """Run the file; fp16 without a CPU kernel reruns with its weights upcast to fp32."""
+    try:
+        session = _make_session(str(path))
+        return session, _run(session, x)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        if dtype != "fp16" or not any(k in str(exc) for k in _NO_KERNEL):
+            raise
+        upcast = convert_float_type(proto, TensorProto.FLOAT16, TensorProto.FLOAT)
+        session = _make_session(upcast.SerializeToString())
+        notes.append("fp16 verified with weights upcast to fp32 because ONNX Runtime CPU has no fp16 "
+                     f"kernel for part of the graph ({_short(exc, 200)})")
+        return session, _run(session, x)
+
+
+def _compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> dict:
+    got64 = got.astype(np.float64)
+    diff = np.abs(got64 - want)
+    if diff.size == 0:
+        return {"name": name, "shape": list(got.shape), "max_abs_err": 0.0, "max_rel_err": 0.0,
+                "atol": atol, "rtol": rtol, "ok": True, "worst_index": None}
+    bad = ~(diff <= atol + rtol * np.abs(want))  # NaN counts as bad
+    rel = diff / np.maximum(np.abs(want), atol)
+    worst = np.unravel_index(int(np.nanargmax(np.where(np.isnan(diff), np.inf, diff))), diff.shape)
+    return {"name": name, "shape": list(got.shape), "max_abs_err": float(np.nanmax(diff)),
+            "max_rel_err": float(np.nanmax(rel)), "atol": atol, "rtol": rtol,
+            "ok": not bool(bad.any()), "bad_elements": int(bad.sum()),
+            "worst_index": [int(i) for i in worst]}
+
+
+def _parity(path: Path, proto: onnx.ModelProto, model: nn.Module, feed: torch.Tensor, atol: float,
+            rtol: float, dtype: str, notes: list[str]
+            ) -> tuple[list[dict], list[str], list[np.ndarray] | None]:
+    fails: list[str] = []
+    try:
+        reference = _torch_outputs(model, feed)
+    except Exception as exc:  # noqa: BLE001
+        return [], [f"PyTorch model failed on the verification inputs: {_short(exc)}"], None
+    x = feed.cpu().numpy()
+    try:
+        session, got = _ort_outputs(path, proto, x, dtype, notes)
+    except Exception as exc:  # noqa: BLE001
+        return [], [f"ONNX Runtime cannot run {path.name}: {_short(exc)}"], None
+    if len(session.get_inputs()) != 1:
+        fails.append(f"{path.name} has {len(session.get_inputs())} inputs; the pipeline feeds one")
+    names = [o.name for o in session.get_outputs()]
+    if len(names) != len(reference):
+        fails.append(f"{path.name} has {len(names)} outputs {names}, PyTorch returns {len(reference)}")
+    ref_names = [n for n, _ in reference if n is not None]
+    if ref_names and len(ref_names) == len(names) and set(ref_names) != set(names):
+        fails.append(f"output names {names} differ from PyTorch's {ref_names}")
+    declared = {o.name: o.type.tensor_type.shape for o in proto.graph.output}
+    outputs: list[dict] = []
+    for name, value, (_, want) in zip(names, got, reference):
+        if value.shape != want.shape:
+            fails.append(f"output '{name}' has shape {list(value.shape)}, PyTorch {list(want.shape)}")
+            outputs.append({"name": name, "shape": list(value.shape), "ok": False,
+                            "torch_shape": list(want.shape)})
+            continue
+        static = [d.dim_value if d.HasField("dim_value") else None for d in declared[name].dim] \
+            if name in declared else []
+        # dim 0 is the batch: fixed-batch files run in chunks, so only later dims must agree
+        if static and (len(static) != want.ndim
+                       or any(s is not None and s != t for s, t in zip(static[1:], want.shape[1:]))):
+            fails.append(f"output '{name}' is declared {static} in the file, PyTorch gives "
+                         f"{list(want.shape)}")
+        row = _compare(name, value, want, atol, rtol)
+        outputs.append(row)
+        if not row["ok"]:
+            fails.append(f"output '{name}': {row['bad_elements']} element(s) over tolerance, max abs "
+                         f"err {row['max_abs_err']:.3g} at {row['worst_index']}, max rel err "
+                         f"{row['max_rel_err']:.3g} (atol {atol}, rtol {rtol})")
+    return outputs, fails, got
+
+
+def _compact_parity(compact: Path, feed: torch.Tensor, dense: list[np.ndarray], atol: float,
+                    rtol: float, notes: list[str]) -> list[str]:
+    """The compact sibling (sparse initializers) must load in ORT and match the dense file."""
+    try:
+        proto = load_model(compact)
+        onnx.checker.check_model(proto)  # full_check cannot type sparse initializers feeding dense ops
+        session = _make_session(str(compact))
+        got = _run(session, feed.cpu().numpy())
+    except Exception as exc:  # noqa: BLE001
+        return [f"compact file {compact.name} does not load/run: {_short(exc)}"]
+    fails = []
+    for meta, a, b in zip(session.get_outputs(), got, dense):
+        row = _compare(meta.name, a, b.astype(np.float64), atol, rtol)
+        if not row["ok"]:
+            fails.append(f"compact file {compact.name} output '{meta.name}' differs from the dense "
+                         f"file: max abs err {row['max_abs_err']:.3g}")
+    if not fails:
+        notes.append(f"compact file {compact.name} checked: {len(proto.graph.sparse_initializer)} "
+                     f"sparse initializer(s), outputs match the dense file")
+    return fails
