@@ -1,0 +1,363 @@
+"""Accuracy of OptG and its peers at equal budgets: unstructured 90-99% and N:M patterns.
+
+Protocol (also in RESULTS.md): for every (dataset, seed) the data split, the model's initial
+weights and the batch order depend only on the seed. Dense and every from-scratch sparse method
+(optg, gmp, snip, random, srste) train E epochs with the same optimiser and cosine schedule.
+`oneshot` (NVIDIA ASP) needs a trained model: it takes the dense run of the same seed (E epochs),
+prunes it once by magnitude to N:M and fine-tunes E more epochs with the mask held and the same
+schedule, so it spends 2E epochs; the tables say so. Reported: test accuracy after the last epoch
+(no early stopping; val is only logged), of the baked model, whose sparsity is checked.
+
+Every run is cached in `<out>/accuracy_runs.json` under a key of all its settings, so an
+interrupted suite continues where it stopped and changed settings never reuse stale runs.
+
+    python benchmarks/accuracy.py --out benchmarks/results                 # full suite
+    python benchmarks/accuracy.py --quick --out /tmp/acc                   # < 60 s smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from optg.schedules import SigmoidSchedule
+from stages.data import DataBundle, DataConfig, load_data
+from stages.model import ModelConfig, build_model
+from stages.sparsify import ScheduleConfig, SparsityConfig, build_sparsifier, calibrate_if_needed
+from stages.train import OptimizerConfig, TrainConfig, Trainer, evaluate
+
+DATASETS: dict[str, str] = {"mnist1d": "cnn1d", "digits": "small_cnn"}  # dataset -> model
+UNSTRUCTURED_METHODS = ("optg", "gmp", "snip", "random")
+NM_METHODS = ("optg", "oneshot", "srste")
+ALL_METHODS = tuple(dict.fromkeys(("dense",) + UNSTRUCTURED_METHODS + NM_METHODS))
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Training settings shared by every method of a suite (part of every cache key)."""
+
+    epochs: int = 60
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    warmup_epochs: int = 2
+    # OptG experiment knobs (None: the library defaults)
+    beta: float | None = None
+    center: float | None = None
+    final_epochs: int | None = None
+    update_every_steps: int | None = None
+    score_lr_scale: float = 1.0
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
+                           optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
+
+    def sparsity_config(self, method: str, pattern: str) -> SparsityConfig:
+        unstructured = not _is_nm(pattern)
+        optg_knobs = method == "optg"
+        schedule = ScheduleConfig(beta=self.beta, center=self.center,
+                                  final_epochs=self.final_epochs) if optg_knobs else ScheduleConfig()
+        return SparsityConfig(
+            **self.train_config().model_dump(), method=method,
+            pattern="unstructured" if unstructured else pattern,
+            target=float(pattern) if unstructured else None, schedule=schedule,
+            update_every_steps=self.update_every_steps if optg_knobs else None)
+
+    def key_fields(self, method: str) -> dict[str, Any]:
+        """Settings that affect `method`: OptG knobs only enter OptG's keys, with the schedule's
+        defaults resolved, so a change of the library defaults never reuses stale cached runs."""
+        d = asdict(self)
+        if method == "optg":
+            d.update(SigmoidSchedule(epochs=self.epochs, beta=self.beta, center=self.center,
+                                     final_epochs=self.final_epochs).describe())
+        else:
+            for k in ("beta", "center", "final_epochs", "update_every_steps", "score_lr_scale"):
+                d.pop(k)
+        return d
+
+
+def _is_nm(pattern: str) -> bool:
+    return ":" in pattern
+
+
+def run_key(dataset: str, method: str, pattern: str, seed: int, proto: Protocol) -> str:
+    return json.dumps({"dataset": dataset, "method": method, "pattern": pattern, "seed": seed,
+                       **proto.key_fields(method)}, sort_keys=True)
+
+
+class RunCache:
+    """Per-run results in one JSON file, rewritten atomically after every run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.runs: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.runs.get(key)
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        self.runs[key] = record
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+class Suite:
+    """Runs (dataset, method, pattern, seed) cells, reusing the cache and in-process dense models."""
+
+    def __init__(self, proto: Protocol, cache: RunCache, log=print) -> None:
+        self.proto, self.cache, self.log = proto, cache, log
+        self.bundles: dict[tuple[str, int], DataBundle] = {}
+        self.dense_states: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+    def bundle(self, dataset: str, seed: int) -> DataBundle:
+        if (dataset, seed) not in self.bundles:
+            self.bundles[(dataset, seed)] = load_data(DataConfig(name=dataset), seed)
+        return self.bundles[(dataset, seed)]
+
+    def fresh_model(self, dataset: str, seed: int) -> nn.Module:
+        bundle = self.bundle(dataset, seed)
+        torch.manual_seed(seed)
+        return build_model(ModelConfig(name=DATASETS[dataset]), bundle.input_shape, bundle.num_classes)
+
+    def _trainer(self, model: nn.Module, bundle: DataBundle, cfg: TrainConfig, phase: str, seed: int,
+                 sparsifier=None) -> Trainer:
+        return Trainer(model, bundle, cfg, phase=phase, device=CPU, seed=seed,
+                       batch_size=self.proto.batch_size, sparsifier=sparsifier, log=lambda _: None)
+
+    def dense_model(self, dataset: str, seed: int) -> tuple[nn.Module, list]:
+        """The dense run of this seed (ASP starts from it); trained once per process."""
+        model = self.fresh_model(dataset, seed)
+        if (dataset, seed) in self.dense_states:
+            model.load_state_dict(self.dense_states[(dataset, seed)])
+            return model, []
+        history = self._trainer(model, self.bundle(dataset, seed), self.proto.train_config(),
+                                "dense", seed).run()
+        self.dense_states[(dataset, seed)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model, history
+
+    def run(self, dataset: str, method: str, pattern: str, seed: int) -> dict[str, Any]:
+        key = run_key(dataset, method, pattern, seed, self.proto)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        bundle = self.bundle(dataset, seed)
+        epochs = self.proto.epochs
+        if method == "dense":
+            model, history = self.dense_model(dataset, seed)
+            sparsity = 0.0
+        else:
+            if method == "oneshot":
+                model, _ = self.dense_model(dataset, seed)
+                epochs *= 2
+            else:
+                model = self.fresh_model(dataset, seed)
+            cfg = self.proto.sparsity_config(method, pattern)
+            steps = len(bundle.loader("train", self.proto.batch_size, shuffle=True, seed=0))
+            sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed)
+            calibrate_if_needed(sp, bundle.loader("train", self.proto.batch_size, shuffle=True, seed=seed),
+                                cfg, CPU)
+            if method == "optg" and self.proto.score_lr_scale != 1.0:
+                _scale_score_lr(sp, self.proto.score_lr_scale)
+            history = self._trainer(model, bundle, cfg, "sparse", seed, sp).run()
+            sp.bake()
+            sparsity = sp.sparsity()
+        record = {"dataset": dataset, "model": DATASETS[dataset], "method": method, "pattern": pattern,
+                  "seed": seed, "epochs_total": epochs,
+                  "test_accuracy": evaluate(model, bundle, "test", CPU),
+                  "val_accuracy": evaluate(model, bundle, "val", CPU),
+                  "sparsity": sparsity, "seconds": time.perf_counter() - started,
+                  "val_curve": [round(r.val_accuracy, 4) for r in history],
+                  "settings": self.proto.key_fields(method)}
+        self.cache.put(key, record)
+        self.log(f"{dataset} {method} {pattern} seed {seed}: test {record['test_accuracy']:.4f} "
+                 f"sparsity {sparsity:.4f} ({record['seconds']:.1f} s)")
+        return record
+
+
+def _scale_score_lr(sp, scale: float) -> None:
+    """Experiment knob: OptG scores learn at `scale * lr * p(e)/p_target` instead of the library's
+    rule (the Sparsifier has no public setting for it, so its `step` is wrapped)."""
+    step = sp.step
+    sp.step = lambda lr=None: step(lr=None if lr is None else lr * scale)
+
+
+def cells(datasets: list[str], methods: list[str], sparsities: list[str], patterns: list[str],
+          nm_datasets: list[str]) -> list[tuple[str, str, str]]:
+    """(dataset, method, pattern) to run: unstructured methods x sparsities, N:M methods x patterns."""
+    out = []
+    for d in datasets:
+        if "dense" in methods:
+            out.append((d, "dense", "dense"))
+        out += [(d, m, s) for s in sparsities for m in methods if m in UNSTRUCTURED_METHODS]
+        if d in nm_datasets:
+            out += [(d, m, p) for p in patterns for m in methods if m in NM_METHODS]
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(dataset, method, pattern) -> mean/std (percent) over seeds."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["method"], r["pattern"]), []).append(r)
+    out = {}
+    for k, rs in groups.items():
+        accs = [100 * r["test_accuracy"] for r in rs]
+        out[k] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                  "n": len(accs), "sparsity": statistics.fmean(r["sparsity"] for r in rs),
+                  "epochs_total": rs[0]["epochs_total"], "seeds": sorted(r["seed"] for r in rs)}
+    return out
+
+
+def _cell(stats: dict[str, float] | None) -> str:
+    return "–" if stats is None else f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+
+def markdown_table(dataset: str, agg: dict, sparsities: list[str], patterns: list[str],
+                   methods: list[str], proto: Protocol) -> str:
+    """Unstructured table (method x sparsity) and N:M table (method x pattern), test accuracy %."""
+    dense = agg.get((dataset, "dense", "dense"))
+    any_stats = next((v for k, v in agg.items() if k[0] == dataset), None)
+    n = any_stats["n"] if any_stats else 0
+    lines = [f"### {dataset} ({DATASETS[dataset]}), test accuracy %, mean ± std over {n} seed(s), "
+             f"{proto.epochs} epochs", ""]
+    if dense:
+        lines += [f"Dense: **{_cell(dense)}**", ""]
+    rows = [m for m in methods if m in UNSTRUCTURED_METHODS]
+    if rows and sparsities:
+        lines += ["| method | " + " | ".join(f"{100 * float(s):g}%" for s in sparsities) + " |",
+                  "|---" * (len(sparsities) + 1) + "|"]
+        for m in rows:
+            lines.append(f"| {m} | " + " | ".join(_cell(agg.get((dataset, m, s))) for s in sparsities) + " |")
+        lines.append("")
+    rows = [m for m in methods if m in NM_METHODS]
+    nm = [p for p in patterns if any((dataset, m, p) in agg for m in rows)]
+    if rows and nm:
+        lines += ["| method (epochs) | " + " | ".join(nm) + " |", "|---" * (len(nm) + 1) + "|"]
+        for m in rows:
+            stats = [agg.get((dataset, m, p)) for p in nm]
+            ep = next((s["epochs_total"] for s in stats if s), proto.epochs)
+            lines.append(f"| {m} ({ep}) | " + " | ".join(_cell(s) for s in stats) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(dataset: str, agg: dict, sparsities: list[str], patterns: list[str], methods: list[str],
+         path: Path) -> None:
+    """Left: accuracy vs unstructured sparsity (x = -log10 density). Right: accuracy per N:M pattern.
+    One line per method with a std band/error bar; dense as a horizontal line on both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = agg.get((dataset, "dense", "dense"))
+    for ax in axes:
+        if dense:
+            ax.axhline(dense["mean"], color="black", ls="--", lw=1, label=f"dense {dense['mean']:.1f}")
+    for m in [m for m in methods if m in UNSTRUCTURED_METHODS]:
+        pts = [(float(s), agg[(dataset, m, s)]) for s in sparsities if (dataset, m, s) in agg]
+        if pts:
+            xs = [-math.log10(1 - s) for s, _ in pts]
+            axes[0].errorbar(xs, [a["mean"] for _, a in pts], yerr=[a["std"] for _, a in pts],
+                             marker="o", capsize=3, label=m)
+    ticks = [float(s) for s in sparsities]
+    axes[0].set_xticks([-math.log10(1 - s) for s in ticks], [f"{100 * s:g}%" for s in ticks])
+    axes[0].set_xlabel("unstructured sparsity")
+    axes[0].set_ylabel("test accuracy %")
+    axes[0].set_title(f"{dataset}: unstructured")
+    for m in [m for m in methods if m in NM_METHODS]:
+        pts = [(i, agg[(dataset, m, p)]) for i, p in enumerate(patterns) if (dataset, m, p) in agg]
+        if pts:
+            axes[1].errorbar([i for i, _ in pts], [a["mean"] for _, a in pts],
+                             yerr=[a["std"] for _, a in pts], marker="s", capsize=3, label=m)
+    axes[1].set_xticks(range(len(patterns)), patterns)
+    axes[1].set_xlabel("N:M pattern")
+    axes[1].set_title(f"{dataset}: N:M")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def tuning_table(cache: RunCache) -> str:
+    """Every OptG setting in a cache, per pattern: mean ± std over its seeds (for the knob study)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in cache.runs.values():
+        if r["method"] != "optg":
+            continue
+        knobs = {k: v for k, v in r["settings"].items()
+                 if k in ("epochs", "beta", "center", "final_epochs", "update_every_steps", "score_lr_scale")}
+        groups.setdefault((r["dataset"], r["pattern"], json.dumps(knobs)), []).append(r)
+    lines = ["| dataset | pattern | OptG settings | test acc % | seeds |",
+             "|---|---|---|---|---|"]
+    for (d, pat, knobs), rs in sorted(groups.items()):
+        accs = [100 * r["test_accuracy"] for r in rs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {d} | {pat} | `{knobs}` | {statistics.fmean(accs):.2f} ± {std:.2f} | "
+                     f"{sorted(r['seed'] for r in rs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=sorted(DATASETS))
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--sparsities", nargs="+", default=["0.9", "0.95", "0.98", "0.99"])
+    p.add_argument("--patterns", nargs="+", default=["2:4", "1:4", "2:8"])
+    p.add_argument("--nm-datasets", nargs="+", default=None, help="datasets that get N:M runs (all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=Protocol.epochs)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, few cells: a smoke test")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    g = p.add_argument_group("OptG experiment knobs (default: library defaults)")
+    g.add_argument("--beta", type=float)
+    g.add_argument("--center", type=float)
+    g.add_argument("--final-epochs", type=int)
+    g.add_argument("--update-every-steps", type=int)
+    g.add_argument("--score-lr-scale", type=float, default=1.0)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.datasets, a.methods, a.sparsities = ["mnist1d"], ["dense", "optg", "gmp", "oneshot"], ["0.9"]
+        a.patterns, a.seeds, a.epochs = ["2:4"], [0], 2
+    torch.set_num_threads(a.threads)
+    proto = Protocol(epochs=a.epochs, beta=a.beta, center=a.center, final_epochs=a.final_epochs,
+                     update_every_steps=a.update_every_steps, score_lr_scale=a.score_lr_scale)
+    a.out.mkdir(parents=True, exist_ok=True)
+    suite = Suite(proto, RunCache(a.out / "accuracy_runs.json"))
+    todo = cells(a.datasets, a.methods, a.sparsities, a.patterns, a.nm_datasets or a.datasets)
+    records = [suite.run(d, m, pat, seed) for seed in a.seeds for d, m, pat in todo]
+    agg = aggregate(records)
+    summary: dict[str, Any] = {"protocol": asdict(proto), "seeds": a.seeds, "cells": []}
+    for d in a.datasets:
+        (a.out / f"accuracy_{d}.md").write_text(
+            markdown_table(d, agg, a.sparsities, a.patterns, a.methods, proto))
+        plot(d, agg, a.sparsities, a.patterns, a.methods, a.out / f"accuracy_{d}.png")
+    summary["cells"] = [{"dataset": k[0], "method": k[1], "pattern": k[2], **v} for k, v in sorted(agg.items())]
+    (a.out / "accuracy_summary.json").write_text(json.dumps(summary, indent=1))
+    (a.out / "optg_settings.md").write_text(tuning_table(suite.cache))
+    for d in a.datasets:
+        print((a.out / f"accuracy_{d}.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()
