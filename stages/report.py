@@ -40,7 +40,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
 
     xs = list(range(1, len(history) + 1))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(xs, [h["val_accuracy"] for h in history], "o-", color="tab:blue", label="val accuracy")
+    ax.plot(xs, [float("nan") if h["val_accuracy"] is None else h["val_accuracy"] for h in history], "o-", color="tab:blue", label="val accuracy")
     ax.set_xlabel("epoch (dense phase, then sparse phase)")
     ax.set_ylabel("validation accuracy", color="tab:blue")
     ax.set_ylim(0, 1.02)
@@ -62,6 +62,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        if value != 0 and abs(value) < 10 ** -digits:
+            return f"{value:.2e}"
         return f"{value:.{digits}f}"
     return str(value)
 
@@ -76,7 +78,8 @@ def render_markdown(manifest: dict[str, Any], plot_name: str | None) -> str:
     lines += ["| | |", "|---|---|"]
     for key, value in [
         ("method / pattern", f"{cfg.get('method')} / {cfg.get('pattern')}"),
-        ("target sparsity", cfg.get("target")),
+        ("target sparsity", cfg.get("target") if cfg.get("target") is not None
+         else f"{cfg.get('pattern')} on eligible layers"),
         ("dense accuracy (test)", m.get("dense_accuracy")),
         ("sparse accuracy (test, baked)", m.get("sparse_accuracy")),
         ("accuracy drop", m.get("accuracy_drop")),

@@ -78,7 +78,10 @@ class SparsityConfig(TrainConfig):
     @classmethod
     def _regexes(cls, value: list[str]) -> list[str]:
         for rx in value:
-            re.compile(rx)
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise ValueError(f"bad regex {rx!r}: {exc}") from None
         return value
 
     @model_validator(mode="after")

@@ -57,7 +57,7 @@ class EpochRecord:
     epoch: int
     train_loss: float
     train_accuracy: float
-    val_accuracy: float
+    val_accuracy: float | None
     sparsity: float
     lr: float
     seconds: float
@@ -82,8 +82,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 @torch.no_grad()
 def evaluate(model: nn.Module, bundle: DataBundle, split: str, device: torch.device,
-             batch_size: int = 256) -> float:
-    """Top-1 accuracy on a split."""
+             batch_size: int = 256) -> float | None:
+    """Top-1 accuracy on a split; None for an empty split (e.g. val_fraction: 0)."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -92,7 +92,7 @@ def evaluate(model: nn.Module, bundle: DataBundle, split: str, device: torch.dev
         correct += int((logits.argmax(1).cpu() == y).sum())
         total += y.numel()
     model.train(was_training)
-    return correct / max(1, total)
+    return correct / total if total else None
 
 
 class Trainer:
@@ -155,7 +155,7 @@ class Trainer:
             self.next_epoch = epoch + 1
             if not self.progress:
                 self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
-                         f"val_acc {val:.4f} sparsity {sparsity:.3f} ({record.seconds:.1f}s)")
+                         f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} ({record.seconds:.1f}s)")
             if on_epoch_end is not None:
                 on_epoch_end(self)
         return self.history

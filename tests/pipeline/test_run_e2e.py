@@ -1,0 +1,131 @@
+"""End-to-end runs of tiny configs on CPU: artifacts and manifest, gate failure (exit 3),
+refusal of another config's directory, and resume after SIGKILL / Ctrl-C reaching the same
+result as an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+from stages.io import sha256_file
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def test_tiny_run_leaves_verified_artifacts_and_manifest(tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    assert main(["run", str(tiny_config()), "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    m = _manifest(run)
+    assert m["status"] == "succeeded"
+    for stage in ("data", "model", "train", "reference", "sparsify", "bake", "validate", "export", "verify", "report"):
+        assert m["stages"][stage]["status"] == "done", stage
+        assert m["stages"][stage]["seconds"] >= 0
+    metrics = m["metrics"]
+    assert 0 <= metrics["sparse_accuracy"] <= 1 and 0 <= metrics["dense_accuracy"] <= 1
+    assert metrics["targeted_sparsity"] == 0.5
+    assert metrics["parity_max_abs_error"] < 1e-4
+    layers = {l["name"]: l for l in metrics["layers"]}
+    assert any(l["pattern"] == "2:4" for l in layers.values())
+    assert set(m["versions"]) == {"python", "torch", "onnx", "onnxruntime", "optg-pipeline"}
+    assert len(m["config_hash"]) == 64
+    for key in ("config.yaml", "model.safetensors", "model.onnx", "report.md", "training.png"):
+        art = m["artifacts"][key]
+        assert sha256_file(run / art["path"]) == art["sha256"], key
+    assert m["verify"]["passed"] is True
+    # the baked weights hold exact 2:4 zeros and the ONNX file carries the metadata
+    state = load_file(str(run / "model.safetensors"))
+    for name, layer in layers.items():
+        if layer["pattern"] == "2:4":
+            w = state[f"{name}.weight"]
+            assert (w.movedim(1, -1).reshape(-1, 4) != 0).sum(1).max() <= 2
+    props = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
+    assert props["optg.pattern"] == "2:4" and props["optg.config_hash"] == m["config_hash"]
+    report = (run / "report.md").read_text()
+    assert "succeeded" in report and "| 2:4 |" in report and "sparse-eligible" in report
+    # running again is a no-op resume that keeps the result
+    assert main(["run", str(tiny_config()), "--out", str(run), "--quiet"]) == 0
+    assert _manifest(run)["resumed"] == 1
+    assert sha256_file(run / "model.onnx") == m["artifacts"]["model.onnx"]["sha256"]
+
+
+def test_accuracy_gate_failure_exits_3_and_still_reports(tmp_path, tiny_config, capsys):
+    cfg = tiny_config(sparsity={"method": "random", "pattern": "unstructured", "target": 0.99, "epochs": 1},
+                      validate={"max_accuracy_drop": 0.0, "min_accuracy": 0.99})
+    run = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(run), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "gate failed (accuracy)" in err and "max_accuracy_drop=0.0" in err
+    m = _manifest(run)
+    assert m["status"] == "gate_failed" and m["error"]["gate"] == "accuracy"
+    assert m["stages"]["validate"]["status"] == "failed"
+    assert "export" not in m["stages"] and not (run / "model.onnx").exists()
+    assert "gate_failed" in (run / "report.md").read_text()
+
+
+def test_other_configs_run_directory_is_refused_unless_forced(tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    cfg = tiny_config(export={"enabled": False}, verify={"enabled": False})
+    assert main(["run", str(cfg), "--out", str(run), "--quiet"]) == 0
+    assert main(["run", str(cfg), "--out", str(run), "--quiet", "--set", "seed=1"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--out", str(run), "--quiet", "--set", "seed=1", "--force"]) == 0
+    assert _manifest(run)["resumed"] == 0
+
+
+def _resume_config(tiny_config):
+    return tiny_config(
+        data={"name": "synthetic", "options": {"shape": [8, 12, 12], "num_classes": 3, "num_samples": 1600},
+              "batch_size": 16},
+        sparsity={"method": "optg", "pattern": "unstructured", "target": 0.8, "epochs": 6,
+                  "optimizer": {"lr": 0.05}, "update_every_steps": 7},
+        export={"enabled": False}, verify={"enabled": False})
+
+
+def _cli(cfg: Path, run: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--out", str(run), "--quiet"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_config, how):
+    cfg = _resume_config(tiny_config)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(cfg, reference), check=True, env=env, cwd=tmp_path)
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli(cfg, run), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(run / "checkpoints" / "sparse.pt", proc)  # at least one sparse epoch saved
+    time.sleep(0.3)  # now somewhere inside a later epoch
+    proc.send_signal(how)
+    out, err = proc.communicate(timeout=60)
+    if how == signal.SIGINT:
+        assert proc.returncode == 130, err.decode()
+        assert _manifest(run)["status"] == "interrupted"
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not (run / "model.safetensors").exists() or _manifest(run)["stages"].get("bake")
+    assert not list(run.rglob("*.tmp")) or how == signal.SIGKILL  # temp files only from a hard kill
+
+    subprocess.run(_cli(cfg, run), check=True, env=env, cwd=tmp_path)
+    m, ref = _manifest(run), _manifest(reference)
+    assert m["status"] == "succeeded" and m["resumed"] == 1
+    assert sha256_file(run / "model.safetensors") == sha256_file(reference / "model.safetensors")
+    assert m["metrics"]["sparse_accuracy"] == ref["metrics"]["sparse_accuracy"]
+    assert [h["val_accuracy"] for h in m["history"]] == [h["val_accuracy"] for h in ref["history"]]
