@@ -22,6 +22,9 @@ from stages.base import StageError, StrictModel
 from stages.data import DataBundle
 
 
+CONFIG_KEYS = {"dense": "train", "sparse": "sparsity"}  # phase -> its config section, for messages
+
+
 class OptimizerConfig(StrictModel):
     """SGD (momentum, optional Nesterov) or AdamW. Weight decay applies to weights only,
     never to OptG scores (those have their own optimiser)."""
@@ -173,7 +176,8 @@ class Trainer:
             value = loss.item()
             if not math.isfinite(value):
                 raise StageError(f"{self.phase}: loss is {value} at epoch {epoch + 1}, step {step + 1}; "
-                                 f"lower {self.phase}.optimizer.lr (now {self.cfg.optimizer.lr}) or check the data")
+                                 f"lower {CONFIG_KEYS.get(self.phase, self.phase)}.optimizer.lr (now {self.cfg.optimizer.lr}) "
+                                 "or check the data")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip:
