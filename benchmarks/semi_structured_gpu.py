@@ -1,7 +1,7 @@
 """GPU proof: 2:4 weights baked like ours run on sparse tensor cores, and how much faster.
 
-Builds nn.Linear weights pruned to 2:4 by magnitude along the input (reduction) dim - exactly the
-grouping of `optg.nm.to_groups` that our bake uses - converts them with
+Builds nn.Linear weights pruned to 2:4 by magnitude along the input (reduction) dim - baked by
+`optg` itself (one-shot magnitude 2:4, then `bake()`) - converts them with
 `torch.sparse.to_sparse_semi_structured` (cuSPARSELt, or CUTLASS with --backend cutlass) on CUDA
 in fp16, checks F.linear against the dense product (max abs error) and times dense vs 2:4 matmuls
 with torch.utils.benchmark at several layer shapes and batch sizes. Prints a markdown table with
@@ -27,16 +27,16 @@ DEFAULT_BATCHES = (256, 2048, 8192)
 
 
 def prune_2_4(weight: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest |w| in every group of 4 consecutive inputs of a Linear [out, in] weight."""
-    try:
-        from optg.nm import from_groups, to_groups
-    except ImportError:  # standalone use: same grouping, inline
-        groups = weight.reshape(-1, 4)
-        keep = groups.abs().topk(2, dim=1).indices
-        return (groups * torch.zeros_like(groups).scatter_(1, keep, 1)).reshape(weight.shape)
-    groups = to_groups(weight, 4)
-    keep = groups.abs().topk(2, dim=1).indices
-    return from_groups(groups * torch.zeros_like(groups).scatter_(1, keep, 1), weight)
+    """2:4 by magnitude along the input dim, baked by the library itself (one-shot + bake),
+    so the weights measured here are exactly what the pipeline ships."""
+    import optg
+
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
+                            dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    optg.create("oneshot", layer, pattern="2:4").attach().bake()
+    return layer.weight.detach()
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
