@@ -17,6 +17,7 @@ interrupted suite continues where it stopped and changed settings never reuse st
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -96,20 +97,26 @@ def run_key(dataset: str, method: str, pattern: str, seed: int, proto: Protocol)
 
 
 class RunCache:
-    """Per-run results in one JSON file, rewritten atomically after every run."""
+    """Per-run results in one JSON file. Each put re-reads the file under a lock and rewrites it
+    atomically, so several suites (e.g. one per dataset) can share one --out concurrently."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.runs: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+        self.runs: dict[str, dict[str, Any]] = self._read()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.runs.get(key)
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        self.runs[key] = record
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.runs = {**self._read(), key: record}
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.runs, indent=0, sort_keys=True))
+            os.replace(tmp, self.path)
 
 
 class Suite:
@@ -305,7 +312,7 @@ def tuning_table(cache: RunCache) -> str:
             continue
         knobs = {k: v for k, v in r["settings"].items()
                  if k in ("epochs", "beta", "center", "final_epochs", "update_every_steps", "score_lr_scale")}
-        groups.setdefault((r["dataset"], r["pattern"], json.dumps(knobs)), []).append(r)
+        groups.setdefault((r["dataset"], r["pattern"], json.dumps(knobs, sort_keys=True)), []).append(r)
     lines = ["| dataset | pattern | OptG settings | test acc % | seeds |",
              "|---|---|---|---|---|"]
     for (d, pat, knobs), rs in sorted(groups.items()):
