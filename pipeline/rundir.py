@@ -56,6 +56,8 @@ class RunDir:
                     raise RunDirConflict(f"{self.manifest_path} is unreadable ({exc}); use --force to start over")
                 old = None
             if old is not None and old.get("config_hash") == config_hash and not force:
+                for stale in self.path.rglob(".*.tmp"):  # left by a hard kill mid-write
+                    stale.unlink()
                 self.manifest = old
                 self.manifest["resumed"] = self.manifest.get("resumed", 0) + 1
                 self.manifest["status"] = "running"

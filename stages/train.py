@@ -156,9 +156,8 @@ class Trainer:
                                  time.perf_counter() - started)
             self.history.append(record)
             self.next_epoch = epoch + 1
-            if not self.progress:
-                self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
-                         f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} ({record.seconds:.1f}s)")
+            self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
+                     f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} ({record.seconds:.1f}s)")
             if on_epoch_end is not None:
                 on_epoch_end(self)
         return self.history

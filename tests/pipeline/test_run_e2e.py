@@ -124,6 +124,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_conf
     assert not list(run.rglob("*.tmp")) or how == signal.SIGKILL  # temp files only from a hard kill
 
     subprocess.run(_cli(cfg, run), check=True, env=env, cwd=tmp_path)
+    assert not list(run.rglob("*.tmp"))  # no half-written file survives the resume
     m, ref = _manifest(run), _manifest(reference)
     assert m["status"] == "succeeded" and m["resumed"] == 1
     assert sha256_file(run / "model.safetensors") == sha256_file(reference / "model.safetensors")
