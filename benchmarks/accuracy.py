@@ -58,6 +58,7 @@ class Protocol:
     final_epochs: int | None = None
     update_every_steps: int | None = None
     score_lr_scale: float = 1.0
+    freeze_scores_last: int = 0
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
@@ -78,12 +79,15 @@ class Protocol:
         """Settings that affect `method`: OptG knobs only enter OptG's keys, with the schedule's
         defaults resolved, so a change of the library defaults never reuses stale cached runs."""
         d = asdict(self)
+        if not self.freeze_scores_last:
+            d.pop("freeze_scores_last")  # added later: keeps the keys of earlier runs valid
         if method == "optg":
             d.update(SigmoidSchedule(epochs=self.epochs, beta=self.beta, center=self.center,
                                      final_epochs=self.final_epochs).describe())
         else:
-            for k in ("beta", "center", "final_epochs", "update_every_steps", "score_lr_scale"):
-                d.pop(k)
+            for k in ("beta", "center", "final_epochs", "update_every_steps", "score_lr_scale",
+                      "freeze_scores_last"):
+                d.pop(k, None)
         return d
 
 
@@ -111,12 +115,15 @@ class RunCache:
         return self.runs.get(key)
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        with open(self.path.with_suffix(".lock"), "w") as lock:
+        lock = os.open(self.path.parent, os.O_RDONLY)  # lock the folder: no lock file left behind
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.runs = {**self._read(), key: record}
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.runs, indent=0, sort_keys=True))
             os.replace(tmp, self.path)
+        finally:
+            os.close(lock)
 
 
 class Suite:
@@ -161,6 +168,7 @@ class Suite:
         started = time.perf_counter()
         bundle = self.bundle(dataset, seed)
         epochs = self.proto.epochs
+        layers: dict[str, float] = {}
         if method == "dense":
             model, history = self.dense_model(dataset, seed)
             sparsity = 0.0
@@ -175,16 +183,17 @@ class Suite:
             sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed)
             calibrate_if_needed(sp, bundle.loader("train", self.proto.batch_size, shuffle=True, seed=seed),
                                 cfg, CPU)
-            if method == "optg" and self.proto.score_lr_scale != 1.0:
-                _scale_score_lr(sp, self.proto.score_lr_scale)
+            if method == "optg" and (self.proto.score_lr_scale != 1.0 or self.proto.freeze_scores_last):
+                _scale_score_lr(sp, self.proto.score_lr_scale, epochs - self.proto.freeze_scores_last)
             history = self._trainer(model, bundle, cfg, "sparse", seed, sp).run()
             sp.bake()
             sparsity = sp.sparsity()
+            layers = {r.name: round(r.sparsity, 4) for r in sp.report() if r.targeted}
         record = {"dataset": dataset, "model": DATASETS[dataset], "method": method, "pattern": pattern,
                   "seed": seed, "epochs_total": epochs,
                   "test_accuracy": evaluate(model, bundle, "test", CPU),
                   "val_accuracy": evaluate(model, bundle, "val", CPU),
-                  "sparsity": sparsity, "seconds": time.perf_counter() - started,
+                  "sparsity": sparsity, "layer_sparsity": layers, "seconds": time.perf_counter() - started,
                   "val_curve": [round(r.val_accuracy, 4) for r in history],
                   "settings": self.proto.key_fields(method)}
         self.cache.put(key, record)
@@ -193,11 +202,18 @@ class Suite:
         return record
 
 
-def _scale_score_lr(sp, scale: float) -> None:
-    """Experiment knob: OptG scores learn at `scale * lr * p(e)/p_target` instead of the library's
-    rule (the Sparsifier has no public setting for it, so its `step` is wrapped)."""
+def _scale_score_lr(sp, scale: float, freeze_from: int) -> None:
+    """Experiment knobs: OptG scores learn at `scale * lr * p(e)/p_target` instead of the library's
+    rule, and not at all from epoch `freeze_from` on (frozen scores give the same mask at every
+    later start_epoch, so the mask is held like GMP's). The Sparsifier has no public setting for
+    either, so its `step` is wrapped."""
     step = sp.step
-    sp.step = lambda lr=None: step(lr=None if lr is None else lr * scale)
+
+    def scaled(lr: float | None = None) -> None:
+        factor = 0.0 if sp.epoch >= freeze_from else scale
+        step(lr=None if lr is None else lr * factor)
+
+    sp.step = scaled
 
 
 def cells(datasets: list[str], methods: list[str], sparsities: list[str], patterns: list[str],
@@ -304,21 +320,25 @@ def plot(dataset: str, agg: dict, sparsities: list[str], patterns: list[str], me
     plt.close(fig)
 
 
-def tuning_table(cache: RunCache) -> str:
-    """Every OptG setting in a cache, per pattern: mean ± std over its seeds (for the knob study)."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+def tuning_table(cache: RunCache, seeds: list[int]) -> str:
+    """Every OptG setting in a cache, per pattern, over `seeds`: mean ± std (the knob study)."""
+    names = {"beta": "beta", "center": "center", "final_epochs": "final_epochs",
+             "update_every_steps": "update_every_steps", "score_lr_scale": "score_lr_scale",
+             "freeze_scores_last": "freeze_scores_last"}
+    defaults = {"update_every_steps": None, "score_lr_scale": 1.0, "freeze_scores_last": 0}
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for r in cache.runs.values():
-        if r["method"] != "optg":
+        if r["method"] != "optg" or r["seed"] not in seeds:
             continue
-        knobs = {k: v for k, v in r["settings"].items()
-                 if k in ("epochs", "beta", "center", "final_epochs", "update_every_steps", "score_lr_scale")}
-        groups.setdefault((r["dataset"], r["pattern"], json.dumps(knobs, sort_keys=True)), []).append(r)
-    lines = ["| dataset | pattern | OptG settings | test acc % | seeds |",
-             "|---|---|---|---|---|"]
-    for (d, pat, knobs), rs in sorted(groups.items()):
+        knobs = [f"{label}={r['settings'][k]:.3g}" if isinstance(r["settings"][k], float)
+                 else f"{label}={r['settings'][k]}" for k, label in names.items()
+                 if r["settings"].get(k, defaults.get(k)) != defaults.get(k, object())]
+        groups.setdefault((r["dataset"], r["pattern"], ", ".join(knobs), r["settings"]["epochs"]), []).append(r)
+    lines = ["| dataset | pattern | epochs | OptG settings | test acc % | seeds |", "|---|---|---|---|---|---|"]
+    for (d, pat, knobs, epochs), rs in sorted(groups.items()):
         accs = [100 * r["test_accuracy"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {d} | {pat} | `{knobs}` | {statistics.fmean(accs):.2f} ± {std:.2f} | "
+        lines.append(f"| {d} | {pat} | {epochs} | {knobs} | {statistics.fmean(accs):.2f} ± {std:.2f} | "
                      f"{sorted(r['seed'] for r in rs)} |")
     return "\n".join(lines) + "\n"
 
@@ -341,13 +361,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g.add_argument("--final-epochs", type=int)
     g.add_argument("--update-every-steps", type=int)
     g.add_argument("--score-lr-scale", type=float, default=1.0)
+    g.add_argument("--freeze-scores-last", type=int, default=0, help="no score updates in the last k epochs")
     a = p.parse_args(argv)
     if a.quick:
         a.datasets, a.methods, a.sparsities = ["mnist1d"], ["dense", "optg", "gmp", "oneshot"], ["0.9"]
         a.patterns, a.seeds, a.epochs = ["2:4"], [0], 2
     torch.set_num_threads(a.threads)
     proto = Protocol(epochs=a.epochs, beta=a.beta, center=a.center, final_epochs=a.final_epochs,
-                     update_every_steps=a.update_every_steps, score_lr_scale=a.score_lr_scale)
+                     update_every_steps=a.update_every_steps, score_lr_scale=a.score_lr_scale,
+                     freeze_scores_last=a.freeze_scores_last)
     a.out.mkdir(parents=True, exist_ok=True)
     suite = Suite(proto, RunCache(a.out / "accuracy_runs.json"))
     todo = cells(a.datasets, a.methods, a.sparsities, a.patterns, a.nm_datasets or a.datasets)
@@ -360,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot(d, agg, a.sparsities, a.patterns, a.methods, a.out / f"accuracy_{d}.png")
     summary["cells"] = [{"dataset": k[0], "method": k[1], "pattern": k[2], **v} for k, v in sorted(agg.items())]
     (a.out / "accuracy_summary.json").write_text(json.dumps(summary, indent=1))
-    (a.out / "optg_settings.md").write_text(tuning_table(suite.cache))
+    (a.out / "optg_settings.md").write_text(tuning_table(suite.cache, a.seeds))
     for d in a.datasets:
         print((a.out / f"accuracy_{d}.md").read_text())
     return summary
