@@ -59,6 +59,8 @@ class Protocol:
     update_every_steps: int | None = None
     score_lr_scale: float = 1.0
     freeze_scores_last: int = 0
+    # protocol knob for every method: module-name regexes left dense (e.g. the first conv)
+    exclude: tuple[str, ...] = ()
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
@@ -73,7 +75,8 @@ class Protocol:
             **self.train_config().model_dump(), method=method,
             pattern="unstructured" if unstructured else pattern,
             target=float(pattern) if unstructured else None, schedule=schedule,
-            update_every_steps=self.update_every_steps if optg_knobs else None)
+            update_every_steps=self.update_every_steps if optg_knobs else None,
+            exclude=list(self.exclude))
 
     def key_fields(self, method: str) -> dict[str, Any]:
         """Settings that affect `method`: OptG knobs only enter OptG's keys, with the schedule's
@@ -81,6 +84,10 @@ class Protocol:
         d = asdict(self)
         if not self.freeze_scores_last:
             d.pop("freeze_scores_last")  # added later: keeps the keys of earlier runs valid
+        if not self.exclude:
+            d.pop("exclude")
+        else:
+            d["exclude"] = list(self.exclude)
         if method == "optg":
             d.update(SigmoidSchedule(epochs=self.epochs, beta=self.beta, center=self.center,
                                      final_epochs=self.final_epochs).describe())
@@ -288,7 +295,9 @@ def plot(dataset: str, agg: dict, sparsities: list[str], patterns: list[str], me
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    has_nm = any((dataset, m, p) in agg for m in NM_METHODS for p in patterns)
+    fig, axes = plt.subplots(1, 2 if has_nm else 1, figsize=(11 if has_nm else 6, 4.2), squeeze=False)
+    axes = list(axes[0])
     dense = agg.get((dataset, "dense", "dense"))
     for ax in axes:
         if dense:
@@ -304,14 +313,15 @@ def plot(dataset: str, agg: dict, sparsities: list[str], patterns: list[str], me
     axes[0].set_xlabel("unstructured sparsity")
     axes[0].set_ylabel("test accuracy %")
     axes[0].set_title(f"{dataset}: unstructured")
-    for m in [m for m in methods if m in NM_METHODS]:
+    for m in [m for m in methods if m in NM_METHODS and has_nm]:
         pts = [(i, agg[(dataset, m, p)]) for i, p in enumerate(patterns) if (dataset, m, p) in agg]
         if pts:
             axes[1].errorbar([i for i, _ in pts], [a["mean"] for _, a in pts],
                              yerr=[a["std"] for _, a in pts], marker="s", capsize=3, label=m)
-    axes[1].set_xticks(range(len(patterns)), patterns)
-    axes[1].set_xlabel("N:M pattern")
-    axes[1].set_title(f"{dataset}: N:M")
+    if has_nm:
+        axes[1].set_xticks(range(len(patterns)), patterns)
+        axes[1].set_xlabel("N:M pattern")
+        axes[1].set_title(f"{dataset}: N:M")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -355,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, few cells: a smoke test")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="REGEX",
+                   help="module names left dense for every method (e.g. '^conv1$', the first conv)")
     g = p.add_argument_group("OptG experiment knobs (default: library defaults)")
     g.add_argument("--beta", type=float)
     g.add_argument("--center", type=float)
@@ -369,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     proto = Protocol(epochs=a.epochs, beta=a.beta, center=a.center, final_epochs=a.final_epochs,
                      update_every_steps=a.update_every_steps, score_lr_scale=a.score_lr_scale,
-                     freeze_scores_last=a.freeze_scores_last)
+                     freeze_scores_last=a.freeze_scores_last, exclude=tuple(a.exclude))
     a.out.mkdir(parents=True, exist_ok=True)
     suite = Suite(proto, RunCache(a.out / "accuracy_runs.json"))
     todo = cells(a.datasets, a.methods, a.sparsities, a.patterns, a.nm_datasets or a.datasets)
