@@ -38,6 +38,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, pa
                 loss = F.cross_entropy(ddp(x), y)
                 opt.zero_grad(); loss.backward(); opt.step(); sp.step(lr=0.1)
         torch.save(history, os.path.join(out_dir, f"masks{rank}.pt"))
+        del ddp  # release the reducer's gloo work before teardown
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
