@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import field_validator
 from torch import nn
 
+from stages.io import atomic_write
 from stages.base import StageError, StrictModel
 
 COMPACT_MIN_SPARSITY = 0.5
@@ -223,28 +224,22 @@ def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
 
 
 def atomic_save(proto: onnx.ModelProto, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: never a truncated file.
+    """Write through `stages.io.atomic_write` (temp file, fsync, rename): never a truncated file.
 
     Models over ~1.8 GB keep their weights in "<name>.data" beside the file (written before the
     .onnx appears under its final name).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+
+    def write(tmp: Path) -> None:
         if weight_bytes > _EXTERNAL_DATA_BYTES:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=path.name + ".data")
         else:
-            onnx.save_model(proto, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            onnx.save_model(proto, str(tmp))
+
+    atomic_write(path, write)
 
 
 def make_compact(proto: onnx.ModelProto) -> onnx.ModelProto:
