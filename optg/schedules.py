@@ -37,8 +37,8 @@ class SigmoidSchedule:
     a ramp of ~10 epochs, 45% at the target. `beta = 1` does not scale: with E = 20 the ramp
     would take a fifth of training and never settle. Defaults therefore scale with E:
     `beta = 20 / E` (the ramp from 1% to 99% of the target spans ~46% of training),
-    `center = 0.4 * E`, `final_epochs = ceil(0.25 * E)`. For E >= 100, `beta = 100 / E`
-    reproduces the paper exactly; pass it explicitly.
+    `center = 0.4 * E`, `final_epochs = ceil(0.25 * E)`. To reproduce the paper at E >= 100,
+    pass `beta = 1` and `center = E / 2` explicitly.
     """
 
     epochs: int

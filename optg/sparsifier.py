@@ -166,6 +166,7 @@ class Sparsifier:
         self.step_in_epoch += 1
         self.global_step += 1
         if (self.update_every_steps and self.global_step % self.update_every_steps == 0
+                and self.step_in_epoch < self.steps_per_epoch  # else start_epoch does it next
                 and not self.schedule.one_shot and self.srste_decay is None):
             self._update_masks(self.epoch + self.step_in_epoch / self.steps_per_epoch)
 

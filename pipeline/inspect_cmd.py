@@ -17,7 +17,7 @@ from typing import TextIO
 from optg.nm import parse_nm
 from stages.onnx_sparsity import OnnxWeight, collect_weights, load_model, weight_report
 
-EXIT_OK, EXIT_USAGE, EXIT_GATE = 0, 2, 3
+from pipeline.exit_codes import EXIT_GATE, EXIT_OK, EXIT_USAGE
 
 
 def run_inspect(path: str, pattern: str | None, as_json: bool, out: TextIO) -> int:

@@ -60,6 +60,10 @@ class RunDir:
                     stale.unlink()
                 self.manifest = old
                 self.manifest["resumed"] = self.manifest.get("resumed", 0) + 1
+                now = versions()
+                if now != old.get("versions"):  # resumed under other software: say so
+                    self.manifest.setdefault("versions_before_resume", []).append(old.get("versions"))
+                    self.manifest["versions"] = now
                 self.manifest["status"] = "running"
                 self.manifest.pop("error", None)
                 return True

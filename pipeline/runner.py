@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import PipelineConfig, config_hash, dump_yaml
+from pipeline.config import ConfigError, PipelineConfig, config_hash, dump_yaml
 from pipeline.rundir import RunDir
 from stages import bake as bake_stage
 from stages import report as report_stage
@@ -28,6 +28,7 @@ from stages.data import DataBundle, load_data
 from stages.export import export_onnx
 from stages.io import atomic_torch_save, atomic_write_text
 from stages.model import build_model
+from optg import parse_nm
 from stages.train import Trainer, TrainConfig, evaluate
 
 
@@ -39,9 +40,14 @@ class RunOptions:
     progress: bool = False
 
 
+def nm_density(pattern: str) -> float:
+    n, m = parse_nm(pattern)
+    return n / m
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use --device cpu or auto")
+        raise ConfigError(["device: 'cuda' requested but torch sees no CUDA device; use --device cpu or auto"])
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -105,6 +111,10 @@ class Runner:
         example = self.bundle.tensors("val", limit=1)[0].to(self.device)
         macs, params = report_stage.count_macs_and_params(self.model, example)
         self.metrics.update(macs=macs, params=params)
+        try:  # plan the target layers now: a config that sparsifies nothing fails before training
+            sparsify_stage.plan(self.model, self.cfg.sparsity)
+        except ValueError as exc:
+            raise ConfigError([f"sparsity: {exc}"], str(self.cfg.name)) from None
 
     def _dense(self) -> None:
         self._run_phase(self._trainer("dense", self.cfg.train), self.run.checkpoints / "dense.pt")
@@ -156,7 +166,8 @@ class Runner:
     def _export(self) -> None:
         s = self.cfg.sparsity
         metadata = {"optg.config_hash": self.run.manifest["config_hash"], "optg.method": s.method,
-                    "optg.pattern": s.pattern, "optg.target": str(s.target),
+                    "optg.pattern": s.pattern,
+                    "optg.target": str(s.target if s.target is not None else 1 - nm_density(s.pattern)),
                     "optg.targeted_sparsity": f"{self.metrics.get('targeted_sparsity', 0):.6f}",
                     "optg.version": self.run.manifest["versions"]["optg-pipeline"]}
         self.model.eval().cpu()

@@ -123,12 +123,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
     props = {**{str(k): str(v) for k, v in metadata.items()}, "exporter": used, "dtype": cfg.dtype,
              "opset": str(cfg.opset)}
     set_metadata(proto, props)
+    compact = make_compact(proto) if cfg.compact else None  # before saving: external data mutates proto
     atomic_save(proto, path)
 
     compact_path = compact_size = None
-    if cfg.compact:
+    if compact is not None:
         compact_path = path.with_name(path.stem + ".compact.onnx")
-        atomic_save(make_compact(proto), compact_path)
+        atomic_save(compact, compact_path)
         compact_size = compact_path.stat().st_size
     return ExportResult(path=path, exporter=used, seconds=time.perf_counter() - start,
                         size_bytes=path.stat().st_size, warnings=notes, compact_path=compact_path,

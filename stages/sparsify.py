@@ -100,6 +100,11 @@ class SparsityConfig(TrainConfig):
         extra = [k for k in self.schedule.options() if k not in allowed]
         if extra:
             errors.append(f"schedule {schedule!r} takes {list(allowed) or 'no settings'}, got {extra}")
+        else:
+            try:  # values against the epoch count, exactly as `optg.create` will build it
+                optg.SCHEDULES.get(schedule)(epochs=self.epochs, **self.schedule.options())
+            except ValueError as exc:
+                errors.append(f"schedule: {exc}")
         try:
             optg.TargetSpec(types=tuple(self.types), include=self.include, exclude=self.exclude,
                             overrides=self.overrides)
@@ -110,9 +115,18 @@ class SparsityConfig(TrainConfig):
         return self
 
 
+def plan(model: nn.Module, cfg: SparsityConfig) -> list[optg.LayerPlan]:
+    """The target-layer plan without touching the model; raises ValueError if nothing is sparsified."""
+    return _create(model, cfg, steps_per_epoch=1, seed=0).plans
+
+
 def build_sparsifier(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: int,
                      seed: int) -> optg.Sparsifier:
     """Plan target layers and attach. The model must already be on its training device."""
+    return _create(model, cfg, steps_per_epoch=steps_per_epoch, seed=seed).attach()
+
+
+def _create(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: int, seed: int) -> optg.Sparsifier:
     return optg.create(
         cfg.method, model, pattern=cfg.pattern, target=cfg.target, epochs=cfg.epochs,
         allocation=cfg.allocation, types=tuple(cfg.types), include=cfg.include, exclude=cfg.exclude,
@@ -120,7 +134,7 @@ def build_sparsifier(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: 
         update_every_steps=cfg.update_every_steps,
         steps_per_epoch=steps_per_epoch if cfg.update_every_steps else None,
         seed=seed, srste_decay=cfg.srste_decay,
-    ).attach()
+    )
 
 
 def calibrate_if_needed(sparsifier: optg.Sparsifier, loader, cfg: SparsityConfig,

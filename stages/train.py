@@ -23,6 +23,7 @@ from stages.data import DataBundle
 
 
 CONFIG_KEYS = {"dense": "train", "sparse": "sparsity"}  # phase -> its config section, for messages
+PHASE_SEEDS = {"dense": 1, "sparse": 2}  # offsets so each phase's random stream is its own
 
 
 class OptimizerConfig(StrictModel):
@@ -127,6 +128,7 @@ class Trainer:
             "sparsifier": self.sparsifier.state_dict() if self.sparsifier else None,
             "history": [asdict(r) for r in self.history],
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -140,10 +142,14 @@ class Trainer:
         self.history = [EpochRecord(**r) for r in state["history"]]
         self.next_epoch = state["next_epoch"]
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # ------------------------------------------------------------------ loop
     def run(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> list[EpochRecord]:
         self.model.to(self.device).train()
+        if self.next_epoch == 0:  # a phase starts from its own seed, resumed or not
+            torch.manual_seed(self.seed * 1_000 + PHASE_SEEDS.get(self.phase, 0))
         for epoch in range(self.next_epoch, self.cfg.epochs):
             started = time.perf_counter()
             if self.sparsifier is not None:
@@ -166,7 +172,8 @@ class Trainer:
         loader = self.bundle.loader("train", self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch)
         bar = tqdm(loader, desc=f"{self.phase} {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, seen = 0.0, 0
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(self.device), y.to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -187,7 +194,7 @@ class Trainer:
                 self.sparsifier.step(lr=lr)
             self.scheduler.step()
             loss_sum += value * y.numel()
-            correct += int((logits.argmax(1) == y).sum())
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
             bar.set_postfix(loss=f"{value:.3f}")
-        return loss_sum, correct, seen
+        return loss_sum, int(correct), seen

@@ -47,6 +47,9 @@ INVALID = [
     ("srste unstructured", ["sparsity.method=srste", "sparsity.pattern=unstructured", "sparsity.target=0.9"], ["N:M patterns only"]),
     ("schedule option mismatch", ["sparsity.schedule.start=1"], ["schedule 'sigmoid' takes ['beta', 'center', 'final_epochs']"]),
     ("bad regex", ["sparsity.exclude=['(']"], ["sparsity.exclude"]),
+    ("schedule value vs epochs", ["sparsity.schedule.final_epochs=50"], ["final_epochs must be in [1, epochs=3], got 50"]),
+    ("cubic end past epochs", ["sparsity.schedule.name=cubic", "sparsity.schedule.end=40"],
+     ["cubic schedule needs 0 <= start < end <= epochs=3"]),
     ("negative lr", "sparsity.optimizer.lr=-1", ["sparsity.optimizer.lr: Input should be greater than 0 (got -1)"]),
     ("bad device", "device=tpu", ["device", "'auto', 'cpu' or 'cuda'"]),
     ("many errors at once", ["seed=-1", "data.batch_size=0", "export.dtype=int4"],
@@ -103,3 +106,21 @@ def test_config_error_lists_each_problem():
         validate_config({"name": "bad name!", "data": {"name": "digits"}, "model": {"name": "small_cnn"},
                          "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 0}})
     assert len(err.value.problems) == 2
+
+
+def test_cuda_without_a_gpu_is_a_usage_error(tmp_path, tiny_config, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["run", str(tiny_config()), "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_that_sparsifies_nothing_fails_before_training(tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    assert main(["run", str(tiny_config()), "--out", str(run), "--quiet",
+                 "--set", "sparsity.include=['^nothing$']"]) == 2
+    err = capsys.readouterr().err
+    assert "no layer can be sparsified" in err and "not matched by include" in err
+    assert not (run / "checkpoints").exists()  # no training happened
