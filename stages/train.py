@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from optg import Sparsifier
 from stages.base import StageError, StrictModel
 from stages.data import DataBundle
-from stages.loading import EpochLoader
+from stages.data.loading import EpochLoader
 
 
 CONFIG_KEYS = {"dense": "train", "sparse": "sparsity"}  # phase -> its config section, for messages

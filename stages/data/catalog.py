@@ -2,7 +2,7 @@
 
 Each factory is `factory(cfg: DataConfig, seed: int) -> DataBundle`. Options are validated
 with a small strict pydantic model per dataset, so a typo lists the valid option names.
-Splits are carved deterministically from `seed` (see `stages.data.split_arrays`); nothing is
+Splits are carved deterministically from `seed` (see `stages.data.bundle.split_arrays`); nothing is
 downloaded or written to disk.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from optg.registry import Registry
 from stages.base import StageError, StrictModel
-from stages.data import DataBundle, DataConfig, bundle_from_arrays
-from stages.imagefolder import load_imagefolder
+from stages.data.bundle import DataBundle, DataConfig, bundle_from_arrays
+from stages.data.imagefolder import load_imagefolder
 
 DatasetFactory = Callable[[DataConfig, int], DataBundle]
 
@@ -237,7 +237,7 @@ class AugmentedTensorDataset(Dataset):
     """Image tensors with the standard CIFAR augmentation (pad-4 random crop, random flip).
 
     The loader fetches whole batches with `get_batch`: one vectorised gather, each sample's
-    crop offsets and flip read off its own seed (`stages.loading`), so a batch does not
+    crop offsets and flip read off its own seed (`stages.data.loading`), so a batch does not
     depend on workers or ranks. Indexing one sample draws its seed from torch's global RNG.
     `tensors` exposes the un-augmented data like TensorDataset does.
     """
@@ -344,7 +344,7 @@ class ImageFolderOptions(StrictModel):
 @DATASETS.register("imagefolder")
 def imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     """ImageNet-style `path/train/<class>/*` and `path/val/<class>/*`, decoded lazily per
-    sample (in the loader's workers) with Pillow; see `stages.imagefolder`.
+    sample (in the loader's workers) with Pillow; see `stages.data.imagefolder`.
 
     With a `path/test/` folder: val = val/, test = test/. Without one, val/ is the held-out
     test set (as ImageNet results are reported on it) and val is carved from train by

@@ -5,7 +5,7 @@ are found recursively with the usual image extensions, as torchvision's ImageFol
 Nothing is decoded up front; each sample is read, decoded and transformed when the loader
 asks for it, i.e. in the loader's worker processes. The random training transform
 (RandomResizedCrop + horizontal flip, torchvision's parameters) draws only from the
-sample's own seed (`stages.loading`), so augmentation does not depend on the workers.
+sample's own seed (`stages.data.loading`), so augmentation does not depend on the workers.
 Needs Pillow only; torchvision is not used.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from stages.base import StageError
-from stages.data import DataBundle, split_arrays
+from stages.data.bundle import DataBundle, split_arrays
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
