@@ -228,7 +228,7 @@ class Trainer:
             raise StageError(f"train.compile: torch.compile is not available here: {exc}; "
                              "set compile: false") from exc
 
-    def _run_epochs(self, on_epoch_end: Callable[["Trainer"], None] | None) -> None:
+    def _run_epochs(self, on_epoch_end: Callable[[Trainer], None] | None) -> None:
         self.forward = self._compiled()
         if self.next_epoch == 0:  # a phase starts from its own seed, resumed or not
             torch.manual_seed(self.seed * 1_000 + PHASE_SEEDS.get(self.phase, 0))
