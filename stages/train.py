@@ -211,12 +211,12 @@ class Trainer:
     def run(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> list[EpochRecord]:
         self.model.to(self.device).train()
         if self.channels_last:  # restored below: safetensors and export want contiguous weights
-            self.model.to(memory_format=torch.channels_last)
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         try:
             self._run_epochs(on_epoch_end)
         finally:
             if self.channels_last:
-                self.model.to(memory_format=torch.contiguous_format)
+                self.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         return self.history
 
     def _compiled(self) -> nn.Module:

@@ -242,7 +242,7 @@ class AugmentedTensorDataset(Dataset):
     `tensors` exposes the un-augmented data like TensorDataset does.
     """
 
-    random = True
+    augments = True
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, pad: int = 4) -> None:
         self.tensors = (x, y)

@@ -45,7 +45,7 @@ class EvalTransform:
 
     resize: int
     size: int
-    random = False
+    augments = False
 
     def __call__(self, image, rng: random.Random | None) -> Tensor:  # type: ignore[no-untyped-def]
         width, height = image.size
@@ -70,7 +70,7 @@ class TrainTransform:
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    random = True
+    augments = True
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop.get_params: (top, left, h, w)."""
@@ -94,7 +94,8 @@ class TrainTransform:
 
     def __call__(self, image, rng: random.Random | None) -> Tensor:  # type: ignore[no-untyped-def]
         rng = rng or random.Random(int(torch.randint(0, 2**62, ()).item()))
-        top, left, h, w = self.crop_box(*image.size, rng)
+        width, height = image.size
+        top, left, h, w = self.crop_box(width, height, rng)
         out = image.resize((self.size, self.size), _bilinear(), box=(left, top, left + w, top + h))
         if rng.random() < 0.5:
             out = out.transpose(_pil().Transpose.FLIP_LEFT_RIGHT)
@@ -132,14 +133,14 @@ class ImageFolderDataset(Dataset):
         self.paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
-        self.random = transform.random
+        self.augments = transform.augments
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray) -> ImageFolderDataset:
         out = ImageFolderDataset.__new__(ImageFolderDataset)
-        out.root, out.transform, out.random = self.root, self.transform, self.random
+        out.root, out.transform, out.augments = self.root, self.transform, self.augments
         out.paths, out.labels = self.paths[indices], self.labels[indices]
         return out
 

@@ -62,7 +62,7 @@ def is_in_memory(dataset: Dataset) -> bool:
 
 def needs_seeds(dataset: Dataset) -> bool:
     """Plain tensors draw nothing; everything else may augment and gets per-sample seeds."""
-    return not isinstance(dataset, TensorDataset) and bool(getattr(dataset, "random", True))
+    return not isinstance(dataset, TensorDataset) and bool(getattr(dataset, "augments", True))
 
 
 def cpu_count() -> int:
