@@ -285,10 +285,8 @@ def channel_masks(slices: Sequence[GroupSlices], scores: Mapping[str, torch.Tens
             n = round(fraction * (target.fraction or 0.0) * s.numel())
             if n > 0:
                 keep[torch.topk(s, min(n, s.numel()), largest=False).indices] = False
-    for keep, s in zip(keeps, sums):  # never mask a whole group: keep its best `min_keep`
-        floor = min(target.min_keep, s.numel())
-        if int(keep.sum()) < floor:
-            keep[torch.topk(s, floor).indices] = True
+    for keep, s in zip(keeps, sums):  # never mask a whole group: its best `min_keep` stay
+        keep[torch.topk(s, min(target.min_keep, s.numel())).indices] = True  # no host sync
     return keeps
 
 
@@ -297,8 +295,6 @@ def weight_masks(slices: Sequence[GroupSlices], keeps: Sequence[torch.Tensor],
     """Per weight: zero the input columns of masked channels in every consumer ('in' slices)."""
     masks = {name: torch.ones_like(w) for name, w in weights.items()}
     for gs, keep in zip(slices, keeps):
-        if bool(keep.all()):
-            continue
         for s in gs.slices:
             if s.kind != "in" or s.name not in masks:
                 continue
