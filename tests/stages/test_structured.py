@@ -131,10 +131,20 @@ def test_magnitude_matches_torch_pruning_exactly() -> None:
 def test_iterative_steps_reach_the_ratio_of_prunable_channels() -> None:
     model, x = build("resnet20"), example("resnet20")
     result = prune_channels(model, StructuredConfig(ratio=0.5, iterative_steps=2), x, **QUIET)
-    # stem ignored: the 16-channel first-stage stream is kept; 8 + 16 + 16... prunable = 384
+    # stem ignored, so its 16-channel stream stays; prunable: 32 + 64 streams + 9 block convs = 432.
+    # Global steps aim at 324 then 216 kept; kept counts are rounded down to multiples of 8 per
+    # group (Torch-Pruning's rule), which removes a little more.
     assert [s.step for s in result.steps] == [1, 2]
     assert [s.channels for s in result.steps] == [288, 192]
     assert result.steps[-1].macs == result.macs_after
+
+    # layerwise on cnn1d (conv2, conv3: 32 channels each, stem and classifier ignored):
+    # step 1 removes 25% -> 24 each; step 2 removes 1/3 of 24 -> 16 each
+    result = prune_channels(build("cnn1d"), StructuredConfig(ratio=0.5, iterative_steps=2, allocation="layerwise",
+                                                             importance="optg", optg_steps=2),
+                            example("cnn1d"), batches=batches(SHAPES["cnn1d"]), **QUIET)
+    assert [s.channels for s in result.steps] == [48, 32]
+    assert [result.channels_after[n]["out"] for n in ("conv1", "conv2", "conv3")] == [32, 16, 16]
 
 
 # --------------------------------------------------------------------------- OptG importance
