@@ -1,18 +1,21 @@
 """The structured-pruning stage: remove whole channels with Torch-Pruning, record the plan.
 
 Torch-Pruning's dependency graph couples every layer that shares a channel (residual adds,
-depthwise convs, BatchNorm, Flatten->Linear), its `BasePruner` ranks and removes channels and
-rounds the kept counts to multiples of `round_to`. This module adds what it lacks: the config,
-the OptG importance (stages/structured_importance.py), MACs/params targets, iterative steps with
-a caller-supplied fine-tune between them, checkpoint/resume, and a JSON plan that rebuilds the
-slimmed architecture on a freshly built dense model.
+depthwise convs, BatchNorm, Flatten->Linear) and removes a group's channels from all of them;
+its importances (group magnitude, Taylor) score the groups. This module adds what it lacks: the
+config, the OptG importance (stages/structured_importance.py), the channel selection (the rule
+of Torch-Pruning's `BasePruner`, except that no group is ever emptied, see `select_channels`),
+MACs/params targets, iterative steps with a caller-supplied fine-tune between them,
+checkpoint/resume, and a JSON plan that rebuilds the slimmed architecture on a freshly built
+dense model (stages/structured_plan.py).
 
 Entry point (what a runner calls):
 
     result = prune_channels(model, cfg, example_input, batches=source, finetune=ft,
                             checkpoint=save, resume=progress_or_None, seed=seed)
 
-Loading a slimmed model without re-running pruning (`structured_plan.json` is `result.plan`):
+Loading a slimmed model without re-running pruning (`structured_plan.json` is `result.plan`;
+the plan helpers live in stages/structured_plan.py and are re-exported here):
 
     model = build_model(...)                     # the dense architecture, same config
     apply_plan(model, json.loads(Path("structured_plan.json").read_text()))
@@ -23,14 +26,14 @@ run code, unlike `torch_pruning.state_dict`, which pickles whole module `__dict_
 
 Each step: (1) score every group of the current model with the chosen importance; (2) resolve
 this step's ratio (a channel fraction, or searched on deep copies for a MACs/params target);
-(3) prune with `tp.pruner.BasePruner`, keeping at least `round_to` channels in every group;
+(3) select channels (kept counts rounded down to multiples of `round_to`, at least `round_to`
+kept per group) and prune them through the dependency graph;
 (4) `checkpoint`, fine-tune, `checkpoint`. Steps reach the target linearly: after step i of n,
 i/n of the ratio (or of the MACs/params reduction) is removed.
 """
 from __future__ import annotations
 
 import copy
-import itertools
 import re
 import time
 from collections.abc import Callable
@@ -48,7 +51,6 @@ from stages.report import count_macs_and_params
 from stages.structured_importance import (
     IMPORTANCES,
     NEEDS_DATA,
-    WEIGHTED,
     BatchSource,
     LossFn,
     MaskTarget,
@@ -57,14 +59,24 @@ from stages.structured_importance import (
     cycle,
     default_loss,
 )
+from stages.structured_plan import (
+    PLAN_FORMAT,
+    WEIGHTED,
+    apply_plan,
+    channel_table,
+    structure_plan,
+)
 from stages.train import TrainConfig, Trainer
 
-PLAN_FORMAT = "optg-structured-plan/1"
+__all__ = [  # the stage's public API (plan helpers re-exported from stages.structured_plan)
+    "PLAN_FORMAT", "FineTune", "ReductionTarget", "StepRecord", "StructuredConfig", "StructuredProgress",
+    "StructuredResult", "apply_plan", "batch_source", "channel_table", "detect_stem_and_classifier",
+    "prune_channels", "prune_once", "render_structured_markdown", "resolve_ignored", "select_channels",
+    "structure_plan", "trainer_finetune",
+]
+
 STEM, CLASSIFIER = "@stem", "@classifier"
 ROOT_TYPES = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR]
-STRUCTURAL_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features",
-                    "num_features", "num_channels", "num_groups", "normalized_shape",
-                    "num_parameters", "embedding_dim", "embed_dim", "head_dim", "kdim", "vdim")
 _SEARCH_ITERS = 14
 _MAX_RATIO = 0.98
 
@@ -250,76 +262,6 @@ def trainer_finetune(bundle: DataBundle, train: TrainConfig, *, device: torch.de
         trainer.run(on_epoch_end)
 
     return finetune
-
-
-# --------------------------------------------------------------------------- plan
-
-def channel_table(model: nn.Module) -> dict[str, dict[str, int]]:
-    """{name: {in, out}} for every Conv/Linear (the report's per-layer channels)."""
-    table = {}
-    for name, m in model.named_modules():
-        if isinstance(m, WEIGHTED):
-            inn = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-            out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            table[name] = {"in": int(inn), "out": int(out)}
-    return table
-
-
-def structure_plan(model: nn.Module) -> dict[str, Any]:
-    """Every module with a structural attribute: its type, those attributes and the shapes of
-    its own parameters and buffers. Plain JSON; `apply_plan` reproduces the architecture."""
-    modules: dict[str, Any] = {}
-    for name, m in model.named_modules():
-        attrs = {a: _jsonable(getattr(m, a)) for a in STRUCTURAL_ATTRS
-                 if isinstance(getattr(m, a, None), (int, tuple)) and not isinstance(getattr(m, a), bool)}
-        if not attrs:
-            continue
-        own = itertools.chain(m._parameters.items(), m._buffers.items())
-        tensors = {n: list(t.shape) for n, t in own if t is not None}
-        modules[name] = {"type": type(m).__name__, "attrs": attrs, "tensors": tensors}
-    return {"format": PLAN_FORMAT, "modules": modules}
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else int(value)
-
-
-@torch.no_grad()
-def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
-    """Reshape a freshly built dense `model` in place to the plan's architecture: structural
-    attributes set, parameters/buffers replaced by uninitialised tensors of the planned shapes.
-    Load the slimmed weights next (`load_state_dict(..., strict=True)`). Mismatches (a module
-    missing or of another type) are reported together."""
-    if plan.get("format") != PLAN_FORMAT:
-        raise StageError(f"not a structured plan (format {plan.get('format')!r}, expected {PLAN_FORMAT!r})")
-    modules = dict(model.named_modules())
-    errors = []
-    for name, spec in plan["modules"].items():
-        m = modules.get(name)
-        if m is None:
-            errors.append(f"{name!r}: no such module")
-        elif type(m).__name__ != spec["type"]:
-            errors.append(f"{name!r}: plan says {spec['type']}, model has {type(m).__name__}")
-        else:
-            for t in spec["tensors"]:
-                if getattr(m, t, None) is None:
-                    errors.append(f"{name!r}: no parameter or buffer {t!r}")
-    if errors:
-        raise StageError("the structured plan does not fit this model: " + "; ".join(errors))
-    for name, spec in plan["modules"].items():
-        m = modules[name]
-        for attr, value in spec["attrs"].items():
-            setattr(m, attr, tuple(value) if isinstance(value, list) else value)
-        for tname, shape in spec["tensors"].items():
-            old = getattr(m, tname)
-            if list(old.shape) == shape:
-                continue
-            new = torch.empty(shape, dtype=old.dtype, device=old.device)
-            if tname in m._parameters:
-                m._parameters[tname] = nn.Parameter(new, requires_grad=old.requires_grad)
-            else:
-                m._buffers[tname] = new
-    return model
 
 
 # --------------------------------------------------------------------------- ignored layers

@@ -43,6 +43,7 @@ from torch.func import functional_call
 
 from optg import Registry, SigmoidSchedule
 from stages.base import StageError
+from stages.structured_plan import WEIGHTED
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BatchSource = Callable[[int], Iterable[Batch]]
@@ -53,7 +54,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 _DW_FNS = (tp.prune_depthwise_conv_out_channels, tp.prune_depthwise_conv_in_channels)
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # --------------------------------------------------------------------------- group slices
