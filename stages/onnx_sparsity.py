@@ -161,8 +161,8 @@ class UntracedWeight:
     reason: str
 
     def describe(self) -> str:
-        return (f"weight '{self.name}' (node {self.node}, {self.op} input {self.input_index}) could "
-                f"not be traced to an initializer or Constant: {self.reason}")
+        return (f"weight '{self.name}' (node {self.node}, {self.op} input {self.input_index}) is "
+                f"untraced, nothing was checked: {self.reason}")
 
 
 @dataclass
@@ -468,8 +468,8 @@ class _Scanner:
                         if name and (slot.role == "weight" or name in consts):
                             self.scan.untraced.append(UntracedWeight(
                                 name, inner.name or f"{inner.op_type} in {label}", inner.op_type,
-                                slot.index, f"inside the body of {node_label(node)}; subgraphs are "
-                                            f"not inspected"))
+                                slot.index, f"inside the {a.name} of {node_label(node)}; subgraphs "
+                                            f"are not inspected"))
                     if has_subgraph(inner):
                         self._subgraphs(inner, label)
 

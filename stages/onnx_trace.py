@@ -159,8 +159,9 @@ class GraphIndex:
             return Traced(value, name, "constant", value.shape)
         handler = _HANDLERS.get(op)
         if handler is None:
-            raise Untraceable(f"'{name}' is computed by {node_label(node)}, which inspect does "
-                              f"not follow")
+            inputs = ", ".join(f"'{i}'" for i in node.input if i)
+            raise Untraceable(f"'{name}' is computed by {node_label(node)} from {inputs or 'nothing'}, "
+                              f"which inspect does not follow")
         inner = self.trace(node.input[0], depth + 1)
         try:
             inner.tensor = handler(self, node, inner.tensor, depth)

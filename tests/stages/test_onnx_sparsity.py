@@ -6,8 +6,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from stages.onnx_sparsity import (OnnxWeight, best_pattern, check_nm, collect_weights, eligibility,
-                                  must_hold, sparse_to_dense, weight_report)
+from stages.onnx_sparsity import (
+    OnnxWeight,
+    best_pattern,
+    check_nm,
+    collect_weights,
+    eligibility,
+    must_hold,
+    sparse_to_dense,
+    weight_report,
+)
 
 RNG = np.random.default_rng(0)
 
