@@ -359,6 +359,7 @@ class _Scanner:
         self.graph = model.graph
         self.g = GraphIndex(model.graph, base_dir)
         self.scan = WeightScan()
+        self._outer_const: set[str] | None = None  # main-graph constants, for subgraph bodies
 
     def run(self) -> WeightScan:
         for idx, node in enumerate(self.graph.node):
@@ -455,8 +456,10 @@ class _Scanner:
 
     def _subgraphs(self, node: onnx.NodeProto, label: str) -> None:
         """Weights of Conv/Gemm/MatMul inside If/Loop/Scan bodies are not read: report them."""
-        outer_const = {n for n in (*self.g.inits, *self.g.sparse, *self.g.producers)
-                       if n not in self.g.dynamic}
+        if self._outer_const is None:
+            self._outer_const = {n for n in (*self.g.inits, *self.g.sparse, *self.g.producers)
+                                 if n not in self.g.dynamic}
+        outer_const = self._outer_const
         for a in node.attribute:
             for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                 consts = outer_const | {t.name for t in body.initializer} \

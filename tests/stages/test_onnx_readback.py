@@ -230,3 +230,33 @@ def test_sparse_and_dense_checks_agree_after_transpose_and_reshape(seed):
     flat = coo.reshape((8, 96))
     assert flat.check_nm(1, 2, 4) == check_nm(dense.reshape(8, 96), 1, 2, 4)
     assert coo.sparsity() == pytest.approx(1 - np.count_nonzero(dense) / dense.size)
+
+
+def test_com_microsoft_fused_gemm_and_matmul_with_transposed_b():
+    w = cases.nm_along((16, 32), 1)  # [N, K]: 2:4 along K
+    gemm = helper.make_node("FusedGemm", ["X", "W"], ["Y"], name="fg", domain="com.microsoft", transB=1)
+    got = only(cases.make([gemm], [cases.init("W", w)], ms=True))
+    assert (got.op, got.reduction_axis) == ("FusedGemm", 1) and got.check(2, 4).holds
+    mm = helper.make_node("FusedMatMul", ["X", "W"], ["Y"], name="fmm", domain="com.microsoft", transB=1)
+    got = only(cases.make([mm], [cases.init("W", w)], ms=True))
+    assert (got.op, got.reduction_axis, got.out_axis) == ("FusedMatMul", 1, 0) and got.check(2, 4).holds
+    mm_k_n = helper.make_node("FusedMatMul", ["X", "W"], ["Y"], name="fmm", domain="com.microsoft")
+    assert not only(cases.make([mm_k_n], [cases.init("W", w)], ms=True)).check(2, 4).holds
+    batch = helper.make_node("FusedMatMul", ["X", "W"], ["Y"], name="fmm", domain="com.microsoft",
+                             transBatchB=1)
+    scan = scan_weights(cases.make([batch], [cases.init("W", w)], ms=True))
+    assert scan.weights == [] and "transBatchB=1" in scan.untraced[0].reason
+
+
+def test_qlinear_matmul_zero_point_per_column():
+    zp = np.arange(16, dtype=np.int8) - 8  # per column N of B [K 32, N 16]
+    mask = cases.keep_mask((32, 16), 0)
+    b = np.where(mask, 100, zp[None, :]).astype(np.int8)
+    names = ["X", "xs", "xz", "B", "bs", "bz", "ys", "yz"]
+    inits = [cases.init("xs", np.float32(0.1)), cases.init("xz", np.int8(0)), cases.init("B", b),
+             cases.init("bs", np.full(16, 0.1, np.float32)), cases.init("bz", zp),
+             cases.init("ys", np.float32(0.1)), cases.init("yz", np.int8(0))]
+    node = helper.make_node("QLinearMatMul", names, ["Y"], name="qmm")
+    got = only(cases.make([node], inits))
+    assert (got.reduction_axis, got.path) == (0, ("QLinearMatMul zero point",))
+    assert got.sparsity == pytest.approx(0.5) and got.check(2, 4).holds
