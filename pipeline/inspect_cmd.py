@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from optg.nm import parse_nm
+from optg import Pattern
 from pipeline.exit_codes import EXIT_GATE, EXIT_OK, EXIT_USAGE
 from stages.onnx_sparsity import (
     OnnxWeight,
@@ -38,10 +38,13 @@ def run_inspect(path: str, pattern: str | None, as_json: bool, out: TextIO) -> i
     nm: tuple[int, int] | None = None
     if pattern is not None:
         try:
-            nm = parse_nm(pattern)
-        except ValueError as exc:
+            parsed = Pattern.parse(pattern)
+            if not parsed.is_nm:
+                raise ValueError(f"inspect checks an N:M pattern such as '2:4', got {pattern!r}")
+        except (TypeError, ValueError) as exc:
             print(f"optg inspect: bad --pattern: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        nm = (parsed.n, parsed.m)
     file = Path(path)
     if not file.is_file():
         print(f"optg inspect: no such file: {path}", file=sys.stderr)

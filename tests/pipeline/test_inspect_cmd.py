@@ -131,7 +131,7 @@ def test_json_output_shape(good, tmp_path, capsys):
     assert "fc.weight" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("pattern", ["2-4", "4:2", "0:4", "abc"])
+@pytest.mark.parametrize("pattern", ["2-4", "4:2", "0:4", "abc", "dense", "unstructured", ""])
 def test_bad_pattern_exits_2(good, pattern, capsys):
     assert inspect(good, pattern)[0] == 2
     assert "pattern" in capsys.readouterr().err
