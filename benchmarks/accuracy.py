@@ -73,8 +73,8 @@ class Protocol:
         optg_knobs = method == "optg"
         schedule = {k: v for k, v in (("beta", self.beta), ("center", self.center),
                                       ("final_epochs", self.final_epochs)) if v is not None}
-        knobs = dict(update_every_steps=self.update_every_steps, score_lr_factor=self.score_lr_scale,
-                     freeze_scores_last=self.freeze_scores_last) if optg_knobs else {}
+        knobs = {"update_every_steps": self.update_every_steps, "score_lr_factor": self.score_lr_scale,
+                 "freeze_scores_last": self.freeze_scores_last} if optg_knobs else {}
         return SparsityConfig(
             **self.train_config().model_dump(), method=method,
             pattern="unstructured" if unstructured else pattern,

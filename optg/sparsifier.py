@@ -1,9 +1,11 @@
 """The sparsifier lifecycle: attach -> (calibrate) -> start_epoch/step ... -> bake.
 
 The model stays a normal nn.Module throughout: its parameters and state_dict keys never
-change; target modules get a forward override (see masking.py) that uses `w * m`.
+change; target modules get a forward override (optg/masking.py) whose weight the method's
+forward rule makes (optg/forward.py: `w * m`, OptG's straight-through `w * m`, or SR-STE).
 `bake()` writes `w * m` into the weights and removes every trace. Calls out of order raise
-LifecycleError.
+LifecycleError. Nothing here depends on which method runs: the plug-ins say what they need
+(learned scores, calibration, one-shot, masks made by the forward rule itself).
 """
 from __future__ import annotations
 

@@ -5,10 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import optg
-from optg import masking
+from optg import LayerPlan, Pattern, masking
 from optg.nm import from_groups, to_groups
 from optg.patterns import global_masks, keep_threshold, nm_masks
-from optg import LayerPlan, Pattern
 
 
 def test_ste_gradients_are_g_times_w_for_scores_and_g_times_m_for_weights():

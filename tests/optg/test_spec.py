@@ -276,8 +276,8 @@ def test_freeze_scores_last_stops_score_updates_in_the_last_epochs():
 
 
 # ---------------------------------------------------------------------- state, modes, sums
-@pytest.mark.parametrize("method,kw", [("optg", dict(target=0.7)), ("srste", dict(pattern="2:4")),
-                                       ("gmp", dict(target=0.7, update_every_steps=2, steps_per_epoch=4))])
+@pytest.mark.parametrize("method,kw", [("optg", {"target": 0.7}), ("srste", {"pattern": "2:4"}),
+                                       ("gmp", {"target": 0.7, "update_every_steps": 2, "steps_per_epoch": 4})])
 def test_state_dict_loads_with_weights_only_and_restores(method, kw):
     model = mlp()
     sp = optg.create(method, model, epochs=3, **kw).attach()
