@@ -1,13 +1,11 @@
 """The model stage: resolve a model name to a factory, build it for the data, load weights.
 
 Names resolve in this order: `torchvision:<name>` (optional extra), `package.module:callable`
-(a user factory), else a built-in from `pipeline.models.MODELS`. Every factory is called as
+(a user factory), else a built-in from `stages.zoo.MODELS`. Every factory is called as
 `factory(input_shape, num_classes, **options)`.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -18,8 +16,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from optg.registry import UnknownNameError
-from pipeline.models import MODELS, torchvision_model
 from stages.base import StageError, StrictModel
+from stages.plugins import check_options, import_callable
+from stages.zoo import MODELS, torchvision_model
 
 TORCHVISION_PREFIX = "torchvision:"
 _SHOW = 5  # how many offending keys an error message lists
@@ -28,7 +27,7 @@ _SHOW = 5  # how many offending keys an error message lists
 class ModelConfig(StrictModel):
     """Which model to build and, optionally, which state dict to start from.
 
-    name: a built-in (see `pipeline.models.MODELS`), "package.module:callable", or
+    name: a built-in (see `stages.zoo.MODELS`), "package.module:callable", or
         "torchvision:<name>" (needs the `vision` extra).
     options: keyword arguments for the factory; unknown ones are rejected with the valid list.
     weights: a `.safetensors` or `.pt`/`.pth` state dict, loaded strictly.
@@ -44,70 +43,6 @@ class ModelConfig(StrictModel):
         if not value.strip():
             raise ValueError("model name must not be empty")
         return value.strip()
-
-
-def import_callable(spec: str, kind: str) -> Callable[..., Any]:
-    """Resolve "package.module:attr[.attr]" to a callable; StageError says exactly what failed.
-
-    Shared by the model and data stages for user-supplied factories.
-    """
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise StageError(f"{kind} {spec!r}: expected 'package.module:callable'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise StageError(f"{kind} {spec!r}: cannot import module {module_name!r}: {exc}") from exc
-    obj: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise StageError(
-                f"{kind} {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise StageError(
-            f"{kind} {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a callable"
-        )
-    return obj
-
-
-def check_options(
-    factory: Callable[..., Any],
-    options: Mapping[str, Any],
-    what: str,
-    skip: int = 0,
-    reserved: Sequence[str] = (),
-) -> None:
-    """Reject option names the factory does not accept, listing the ones it does.
-
-    `skip` is how many leading positional parameters the caller fills itself; `reserved`
-    names keyword arguments the caller passes (e.g. `seed`), which options may not set.
-    Factories that take **kwargs accept any other name, so only `reserved` is checked for them.
-    """
-    clash = sorted(set(options) & set(reserved))
-    if clash:
-        raise StageError(
-            f"{what}: option(s) {', '.join(clash)} are set by the pipeline, not options"
-        )
-    try:
-        params = list(inspect.signature(factory).parameters.values())
-    except (TypeError, ValueError):  # builtins/C callables without a signature
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    valid = [
-        p.name
-        for p in params[skip:]
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        and p.name not in reserved
-    ]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise StageError(
-            f"{what}: unknown option(s) {', '.join(unknown)}; "
-            f"valid: {', '.join(valid) if valid else '(none)'}"
-        )
 
 
 def resolve_model_factory(name: str) -> Callable[..., nn.Module]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import CIFAR10_MEAN, DATASETS, AugmentedTensorDataset
+from stages.data.catalog import CIFAR10_MEAN, DATASETS, AugmentedTensorDataset
 from stages.base import StageError
 from stages.data import DataBundle, DataConfig, load_data
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import MODELS, torchvision_model
+from stages.zoo import MODELS, torchvision_model
 from stages.base import StageError
 
 # name -> (one-sample input shape, options): small inputs/widths keep export fast.

@@ -2,7 +2,7 @@
 
 Each factory is `factory(cfg: DataConfig, seed: int) -> DataBundle`. Options are validated
 with a small strict pydantic model per dataset, so a typo lists the valid option names.
-Splits are carved deterministically from `seed` (see `stages.data.split_arrays`); nothing is
+Splits are carved deterministically from `seed` (see `stages.data.bundle.split_arrays`); nothing is
 downloaded or written to disk.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 from optg.registry import Registry
 from stages.base import StageError, StrictModel
-from stages.data import DataBundle, DataConfig, bundle_from_arrays, split_arrays
+from stages.data.bundle import DataBundle, DataConfig, bundle_from_arrays, split_arrays
 from stages.safe_pickle import restricted_load
 
 DatasetFactory = Callable[[DataConfig, int], DataBundle]

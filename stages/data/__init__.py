@@ -1,0 +1,69 @@
+"""The data stage: load a dataset by name into train/val/test splits with deterministic seeds.
+
+Built-in sources live in `stages.data.catalog.DATASETS`; "package.module:callable" names a user
+plugin. `stages.data.bundle` owns what all sources share: the config, the bundle, array
+validation and the deterministic test/val carving.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from optg.registry import UnknownNameError
+from stages.base import StageError
+from stages.data.bundle import (SPLITS, Arrays, DataBundle, DataConfig, bundle_from_arrays, split_arrays,
+                                to_dataset, validate_arrays)
+from stages.data.catalog import DATASETS
+from stages.plugins import check_options, import_callable
+
+__all__ = [
+    "DATASETS", "SPLITS", "Arrays", "DataBundle", "DataConfig", "bundle_from_arrays", "load_data",
+    "split_arrays", "to_dataset", "validate_arrays",
+]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _load_plugin(cfg: DataConfig, seed: int) -> DataBundle:
+    """A user's "module:callable": called with (seed=seed, **options)."""
+    factory = import_callable(cfg.name, "dataset")
+    check_options(factory, cfg.options, f"dataset {cfg.name!r}", reserved=("seed",))
+    result = factory(seed=seed, **cfg.options)
+    if isinstance(result, DataBundle):
+        return result
+    if not isinstance(result, Mapping):
+        raise StageError(
+            f"dataset {cfg.name!r}: plugin returned {type(result).__name__}; expected a "
+            "DataBundle or a dict with 'train' (and optionally 'val', 'test', 'num_classes')"
+        )
+    allowed = {"train", "val", "test", "num_classes"}
+    extra = sorted(set(result) - allowed)
+    if extra or "train" not in result:
+        raise StageError(
+            f"dataset {cfg.name!r}: plugin dict has keys {sorted(result)}; needs 'train' and "
+            f"may have {', '.join(sorted(allowed - {'train'}))}"
+        )
+
+    def pair(key: str) -> Arrays | None:
+        value = result.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, Sequence) or len(value) != 2:
+            raise StageError(f"dataset {cfg.name!r}: plugin {key!r} must be an (x, y) pair")
+        return value[0], value[1]
+
+    return bundle_from_arrays(
+        cfg.name, cfg, seed, pair("train"), test=pair("test"), val=pair("val"),
+        num_classes=result.get("num_classes"),
+    )
+
+
+def load_data(cfg: DataConfig, seed: int) -> DataBundle:
+    """Load `cfg.name` with train/val/test splits that depend only on (cfg, seed)."""
+    if ":" in cfg.name:
+        return _load_plugin(cfg, seed)
+    try:
+        factory = DATASETS.get(cfg.name)
+    except UnknownNameError as exc:
+        raise StageError(f"{exc}; or 'package.module:callable'") from None
+    return factory(cfg, seed)
