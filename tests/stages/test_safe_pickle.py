@@ -99,9 +99,9 @@ def test_codecs_encode_is_latin1_only() -> None:
 
 def test_cifar10_dataset_refuses_a_planted_batch(tmp_path: Path) -> None:
     """Through the dataset: the error names the file and the global; the marker never appears."""
-    from stages.data.catalog import DATASETS
     from stages.base import StageError
     from stages.data import DataConfig
+    from stages.data.catalog import DATASETS
 
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
