@@ -29,10 +29,12 @@ _TORCH_BOILERPLATE = ("Weights only load failed", "Re-running `torch.load`", "Pl
                       "Check the documentation of torch.load")
 
 
-class WriteError(StageError):
+class WriteError(StageError, OSError):
     """Writing `path` failed (disk full, read-only or missing directory, serialiser error).
 
     The temp file is already removed and the previous file at `path`, if any, is untouched.
+    A StageError (the runner records the run as failed) and an OSError (code that handled
+    the bare OSError of a failed write still does).
     """
 
     def __init__(self, path: Path, reason: str) -> None:

@@ -56,7 +56,7 @@ def test_disk_full_during_write_removes_the_temp_file_and_names_the_target(tmp_p
     with pytest.raises(WriteError) as err:
         atomic_write(target, write)
     assert str(target) in str(err.value) and "No space left on device" in str(err.value)
-    assert err.value.path == target and isinstance(err.value, StageError)
+    assert err.value.path == target and isinstance(err.value, StageError) and isinstance(err.value, OSError)
     assert _leftovers(tmp_path) == []
     assert target.read_text() == "previous version"  # the old file is untouched
 
