@@ -29,11 +29,7 @@ def bake(sparsifier: optg.Sparsifier) -> BakeResult:
 
 
 def summarize(rows: list[optg.LayerReport]) -> BakeResult:
-    targeted = [r for r in rows if r.targeted]
-    def zeros(rs):
-        total = sum(r.numel for r in rs)
-        return sum(r.sparsity * r.numel for r in rs) / total if total else 0.0
-    return BakeResult(rows, zeros(targeted), zeros(rows))
+    return BakeResult(rows, optg.weighted_sparsity([r for r in rows if r.targeted]), optg.weighted_sparsity(rows))
 
 
 def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:
