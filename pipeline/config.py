@@ -16,6 +16,7 @@ from typing import Any, Literal, get_origin
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from pipeline.tracking_config import TrackingConfig
 from stages.base import StrictModel
 from stages.data import DataConfig
 from stages.export import ExportConfig
@@ -180,6 +181,7 @@ with warnings.catch_warnings():
         export: ExportConfig = ExportConfig()
         verify: VerifyConfig = VerifyConfig()
         report: ReportConfig = ReportConfig()
+        tracking: TrackingConfig | None = None
 
         @model_validator(mode="after")
         def _cross_checks(self) -> "PipelineConfig":
@@ -342,5 +344,8 @@ def dump_yaml(cfg: PipelineConfig) -> str:
 
 
 def config_hash(cfg: PipelineConfig) -> str:
-    canonical = json.dumps(resolved_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """Identifies what the run computes; `tracking` is left out (it only observes the run), so
+    adding or moving a tracking store neither forces a retrain nor changes older runs' hashes."""
+    computed = {k: v for k, v in resolved_dict(cfg).items() if k != "tracking"}
+    canonical = json.dumps(computed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
