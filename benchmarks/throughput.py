@@ -145,8 +145,8 @@ def run(s: Settings) -> dict:
 
 
 def markdown(report: dict, command: str) -> str:
-    lines = [f"`{command}` (torch {report['torch']}, {report['threads']} thread(s), "
-             f"{report['cpus']} CPUs visible)", "",
+    lines = [(f"`{command}` (torch {report['torch']}, {report['threads']} thread(s), "
+              f"{report['cpus']} CPUs visible)"), "",
              "| what | workers | images/s | steps/s | first epoch s |", "|---|---|---|---|---|"]
     for r in report["rows"]:
         steps = f"{r['steps_per_s']:.2f}" if "steps_per_s" in r else ""
