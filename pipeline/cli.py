@@ -79,10 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"optg: gate failed ({exc.gate}): {exc}", file=sys.stderr)
         print(f"optg: see {runner.run.path / 'report.md'} and manifest.json", file=sys.stderr)
         return EXIT_GATE
-    m = manifest["metrics"]
-    summary = {"status": manifest["status"], "run_dir": str(runner.run.path),
-               "dense_accuracy": m.get("dense_accuracy"), "sparse_accuracy": m.get("sparse_accuracy"),
-               "targeted_sparsity": m.get("targeted_sparsity"), "parity_max_abs_error": m.get("parity_max_abs_error")}
+    m = manifest.metrics
+    summary = {"status": manifest.status, "run_dir": str(runner.run.path),
+               "dense_accuracy": m.dense_accuracy, "sparse_accuracy": m.sparse_accuracy,
+               "targeted_sparsity": m.targeted_sparsity, "parity_max_abs_error": m.parity_max_abs_error}
     if not args.quiet:
         print(json.dumps(summary, indent=2))
     return EXIT_OK

@@ -18,11 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from optg import Sparsifier
-from stages.base import StageError, StrictModel
+from stages.base import ConfigFieldError, FieldProblem, StageError, StrictModel, eval_mode
 from stages.data import DataBundle
 
-
-CONFIG_KEYS = {"dense": "train", "sparse": "sparsity"}  # phase -> its config section, for messages
 PHASE_SEEDS = {"dense": 1, "sparse": 2}  # offsets so each phase's random stream is its own
 
 
@@ -88,28 +86,35 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 def evaluate(model: nn.Module, bundle: DataBundle, split: str, device: torch.device,
              batch_size: int = 256) -> float | None:
     """Top-1 accuracy on a split; None for an empty split (e.g. val_fraction: 0)."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    for x, y in bundle.loader(split, batch_size, shuffle=False):
-        logits = model(x.to(device))
-        correct += int((logits.argmax(1).cpu() == y).sum())
-        total += y.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in bundle.loader(split, batch_size, shuffle=False):
+            logits = model(x.to(device))
+            correct += int((logits.argmax(1).cpu() == y).sum())
+            total += y.numel()
     return correct / total if total else None
 
 
+StepHook = Callable[["Trainer", int, int], None]
+"""Called after every optimiser step with (trainer, epoch, step), both 1-based."""
+
+
 class Trainer:
-    """Runs epochs [next_epoch, cfg.epochs) of one phase, optionally with a sparsifier."""
+    """Runs epochs [next_epoch, cfg.epochs) of one phase, optionally with a sparsifier.
+
+    `on_step` (optional) is called after every optimiser step; the pipeline uses it only for its
+    documented debug hook that interrupts a run at an exact step (README, "The tests").
+    """
 
     def __init__(self, model: nn.Module, bundle: DataBundle, cfg: TrainConfig, *, phase: str,
                  device: torch.device, seed: int, batch_size: int, eval_batch_size: int = 256,
                  sparsifier: Sparsifier | None = None, progress: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, on_step: StepHook | None = None) -> None:
         self.model, self.bundle, self.cfg, self.phase = model, bundle, cfg, phase
         self.device, self.seed, self.batch_size = device, seed, batch_size
         self.eval_batch_size = eval_batch_size
         self.sparsifier, self.progress, self.log = sparsifier, progress, log
+        self.on_step = on_step
         self.optimizer = make_optimizer(model.parameters(), cfg.optimizer)
         self.steps_per_epoch = len(bundle.loader("train", batch_size, shuffle=True, seed=0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -181,9 +186,9 @@ class Trainer:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
             value = loss.item()
             if not math.isfinite(value):
-                raise StageError(f"{self.phase}: loss is {value} at epoch {epoch + 1}, step {step + 1}; "
-                                 f"lower {CONFIG_KEYS.get(self.phase, self.phase)}.optimizer.lr (now {self.cfg.optimizer.lr}) "
-                                 "or check the data")
+                raise ConfigFieldError(FieldProblem(
+                    "optimizer.lr", f"{self.phase}: loss is {value} at epoch {epoch + 1}, step {step + 1}; "
+                    f"lower {{field}} (now {self.cfg.optimizer.lr}) or check the data"))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip:
@@ -197,4 +202,6 @@ class Trainer:
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
             bar.set_postfix(loss=f"{value:.3f}")
+            if self.on_step is not None:
+                self.on_step(self, epoch + 1, step + 1)
         return loss_sum, int(correct), seen
