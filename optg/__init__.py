@@ -13,6 +13,7 @@ Plain PyTorch: no YAML, no file I/O.
 from optg.criteria import CRITERIA
 from optg.methods import METHODS, create
 from optg.nm import format_nm, parse_nm
+from optg.pattern import Pattern
 from optg.patterns import MASK_RULES
 from optg.registry import Registry, UnknownNameError
 from optg.schedules import SCHEDULES, ConstantSchedule, CubicSchedule, SigmoidSchedule
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CRITERIA", "METHODS", "MASK_RULES", "SCHEDULES", "ConstantSchedule", "CubicSchedule",
-    "LayerPlan", "LayerReport", "LifecycleError", "Registry", "SigmoidSchedule", "Sparsifier",
+    "LayerPlan", "LayerReport", "LifecycleError", "Pattern", "Registry", "SigmoidSchedule", "Sparsifier",
     "TargetSpec", "UnknownNameError", "create", "format_nm", "parse_nm", "plan_layers",
 ]

@@ -1,4 +1,4 @@
-"""N:M pattern text and the reduction-axis grouping that sparse tensor cores need.
+"""N:M text helpers and the reduction-axis grouping that sparse tensor cores need.
 
 Hardware N:M means: in every group of M consecutive elements along the *reduction* axis
 (the input-features axis of a Linear, the input-channels axis of a ConvNd at each output
@@ -7,22 +7,11 @@ kernel width) is not hardware N:M; `to_groups` never does that.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+from optg.pattern import parse_nm
 
-
-def parse_nm(text: str) -> tuple[int, int]:
-    """'2:4' -> (2, 4). Raises ValueError naming the problem for anything else."""
-    match = _NM_RE.match(str(text))
-    if not match:
-        raise ValueError(f"N:M pattern must look like '2:4', got {text!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 1 <= n < m:
-        raise ValueError(f"N:M pattern needs 1 <= N < M, got {n}:{m}")
-    return n, m
+__all__ = ["format_nm", "from_groups", "parse_nm", "to_groups"]
 
 
 def format_nm(n: int, m: int) -> str:
