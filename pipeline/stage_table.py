@@ -34,7 +34,7 @@ from stages.data import DataBundle, load_data
 from stages.export import export_onnx
 from stages.io import atomic_torch_save
 from stages.model import build_model
-from stages.train import StepHook, Trainer, TrainConfig, evaluate
+from stages.train import StepHook, TrainConfig, Trainer, evaluate
 
 DEBUG_SIGNAL_ENV = "OPTG_DEBUG_SIGNAL_AT"
 
@@ -141,7 +141,10 @@ def _run_phase(ctx: RunContext, trainer: Trainer, checkpoint: Path) -> None:
     if checkpoint.exists():
         trainer.load_state_dict(_load_checkpoint(checkpoint, ctx.device))
         ctx.log(f"[{trainer.phase}] resuming at epoch {trainer.next_epoch + 1}/{trainer.cfg.epochs}")
-    trainer.run(on_epoch_end=lambda t: atomic_torch_save(t.state_dict(), checkpoint))
+    def save(t: Trainer) -> None:
+        atomic_torch_save(t.state_dict(), checkpoint)
+
+    trainer.run(on_epoch_end=save)
     manifest = ctx.run.manifest
     manifest.history = [h for h in manifest.history if h.phase != trainer.phase] + list(trainer.history)
 
@@ -210,8 +213,8 @@ def _onnx_inputs(ctx: RunContext) -> torch.Tensor:
 
 def run_export(ctx: RunContext) -> None:
     s, manifest = ctx.cfg.sparsity, ctx.run.manifest
-    target = s.target if s.target is not None else 1 - _nm_density(s.pattern)
-    metadata = {"optg.config_hash": manifest.config_hash, "optg.method": s.method, "optg.pattern": s.pattern,
+    target = optg.Pattern.parse(s.pattern, s.target).target
+    metadata = {"optg.config_hash": manifest.config_hash, "optg.method": s.method, "optg.pattern": str(s.pattern),
                 "optg.target": str(target),
                 "optg.targeted_sparsity": f"{manifest.metrics.targeted_sparsity or 0:.6f}",
                 "optg.version": manifest.versions["optg-pipeline"]}
@@ -223,11 +226,6 @@ def run_export(ctx: RunContext) -> None:
     manifest.export = ExportRecord.of(result, ctx.run.path)
     for note in result.warnings:
         ctx.log(f"[export] note: {note}")
-
-
-def _nm_density(pattern: str) -> float:
-    n, m = optg.parse_nm(pattern)
-    return n / m
 
 
 def run_verify(ctx: RunContext) -> None:

@@ -37,8 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import field_validator
 from torch import nn
 
-from stages.io import atomic_write
 from stages.base import StageError, StrictModel, eval_mode
+from stages.io import atomic_write
 
 COMPACT_MIN_SPARSITY = 0.5
 _COMPACT_MIN_NUMEL = 64  # tiny tensors are not worth an index array
@@ -102,7 +102,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
     if cfg.dynamic_batch and example.shape[0] == 1:
         # torch.export specialises a batch of 1 to a constant; trace with 2 to keep it symbolic
         example = example.repeat(2, *([1] * (example.dim() - 1)))
-    exporters = ["dynamo", "torchscript"] if cfg.exporter == "auto" else [cfg.exporter]
+    exporters: list[str] = ["dynamo", "torchscript"] if cfg.exporter == "auto" else [cfg.exporter]
 
     with eval_mode(model):
         if cfg.dtype == "fp16":

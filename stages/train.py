@@ -168,7 +168,8 @@ class Trainer:
             self.history.append(record)
             self.next_epoch = epoch + 1
             self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
-                     f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} ({record.seconds:.1f}s)")
+                     f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} "
+                     f"({record.seconds:.1f}s)")
             if on_epoch_end is not None:
                 on_epoch_end(self)
         return self.history

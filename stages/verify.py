@@ -35,8 +35,7 @@ from torch import nn
 from optg.nm import parse_nm
 from stages.base import GateFailure, StrictModel, eval_mode
 from stages.export import ExportResult, convert_float_type
-from stages.onnx_sparsity import (OnnxWeight, check_nm, collect_weights, load_model,
-                                  weight_report)
+from stages.onnx_sparsity import OnnxWeight, check_nm, collect_weights, load_model, weight_report
 
 DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # (atol, rtol)
 PARITY, PATTERN = "onnx_parity", "nm_pattern"

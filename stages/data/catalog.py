@@ -8,7 +8,6 @@ downloaded or written to disk.
 from __future__ import annotations
 
 import functools
-import importlib
 import pickle
 import random
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset, Subset
 from optg.registry import Registry
 from stages.base import StageError, StrictModel
 from stages.data.bundle import DataBundle, DataConfig, bundle_from_arrays, split_arrays
+from stages.plugins import import_optional
 
 DatasetFactory = Callable[[DataConfig, int], DataBundle]
 
@@ -338,14 +338,8 @@ def imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     """
     opts = parse_options("imagefolder", ImageFolderOptions, cfg.options)
     root = _need_path("imagefolder", cfg, "a root with train/ and val/ class folders")
-    try:
-        tv_datasets = importlib.import_module("torchvision.datasets")
-        transforms = importlib.import_module("torchvision.transforms")
-    except ImportError as exc:
-        raise StageError(
-            "dataset 'imagefolder' needs torchvision, which is not installed; "
-            "install optg-pipeline[vision]"
-        ) from exc
+    tv_datasets = import_optional("torchvision.datasets", "dataset 'imagefolder'")
+    transforms = import_optional("torchvision.transforms", "dataset 'imagefolder'")
     for sub in ("train", "val"):
         if not (root / sub).is_dir():
             raise StageError(f"dataset 'imagefolder': missing folder {str(root / sub)!r}")
