@@ -368,12 +368,18 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_mod.onnx, "save_model", crash)
     model, x, _ = make("cnn1d", "2:4")
+    model.train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)][:1]
+    for m in frozen:
+        m.eval()  # a mixed-mode model: training, one BatchNorm frozen
+    modes = [m.training for m in model.modules()]
+    assert any(modes) and not all(modes)
     with pytest.raises(OSError, match="disk full"):
         export_onnx(model, x[:1], target, ExportConfig(exporter="torchscript"), META)
     assert target.read_bytes() == b"previous release"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     monkeypatch.setattr(export_mod.onnx, "save_model", real_save)
-    assert model.training is False  # model left as it was (eval)
+    assert [m.training for m in model.modules()] == modes  # every module's mode given back
 
 
 def test_gpu_script_without_cuda_measures_nothing(tmp_path):
