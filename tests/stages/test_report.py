@@ -3,8 +3,16 @@ import torch
 from torch import nn
 
 from stages.bake import BakedLayer
-from stages.report import (ArtifactRow, ReportConfig, ReportInput, StageRow, count_macs_and_params,
-                           nonzero_params, render_markdown, write_report)
+from stages.report import (
+    ArtifactRow,
+    ReportConfig,
+    ReportInput,
+    StageRow,
+    count_macs_and_params,
+    nonzero_params,
+    render_markdown,
+    write_report,
+)
 from stages.train import EpochRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
