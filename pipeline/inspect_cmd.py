@@ -1,11 +1,17 @@
 """`optg inspect MODEL.onnx [--pattern N:M] [--json]`: what sparsity an ONNX file really holds.
 
-Works on any ONNX file: every constant weight of a Conv/Gemm/MatMul is read back, its N:M pattern
-checked along the reduction axis in the ONNX layout, and its TensorRT/apex eligibility reported.
-Without --pattern it only reports (2:4 compliance and the best-fitting pattern per weight) and
-exits 0. With --pattern every weight that can carry it (C % M == 0, ungrouped) must hold it -
-including layers left dense, which is what the check is for - else exit 3 naming each offender.
-Exit 2 for a missing/unreadable file or a bad pattern (message on stderr).
+Works on any ONNX file: every weight of a Conv/Gemm/MatMul (and their com.microsoft and integer
+forms) is read back through the ops between it and its storage (QDQ, Transpose, Reshape, Cast...;
+see `stages.onnx_sparsity`), its N:M pattern checked along the reduction axis in the consumer's
+layout, and its TensorRT/apex eligibility reported. A weight input that cannot be traced to an
+initializer or Constant is reported as untraced.
+
+Without --pattern it only reports and exits 0. With --pattern it fails closed (exit 3): every
+weight that can carry the pattern (C % M == 0, ungrouped) must hold it - including layers left
+dense - every weight input must have been traced, and at least one weight must have been checked
+("0 weights checked" is never OK). Exit 2 for a missing/unreadable file, a tensor too large to
+read (a sparse initializer declaring more than MAX_DENSE_ELEMENTS when it must be densified) or a
+bad pattern (message on stderr).
 """
 from __future__ import annotations
 
@@ -14,50 +20,71 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from optg.nm import parse_nm
-from stages.onnx_sparsity import OnnxWeight, collect_weights, load_model, weight_report
-
+from optg import Pattern
 from pipeline.exit_codes import EXIT_GATE, EXIT_OK, EXIT_USAGE
+from stages.onnx_sparsity import (
+    OnnxWeight,
+    OversizedTensor,
+    WeightScan,
+    load_model,
+    scan_weights,
+    weight_report,
+)
 
 
 def run_inspect(path: str, pattern: str | None, as_json: bool, out: TextIO) -> int:
-    """Print the report to `out`; return 0, 3 (a required weight misses the pattern) or 2."""
+    """Print the report to `out`; return 0, 3 (a weight misses the pattern, a weight input could
+    not be traced, or nothing could be checked - only with `pattern`) or 2."""
     nm: tuple[int, int] | None = None
     if pattern is not None:
         try:
-            nm = parse_nm(pattern)
-        except ValueError as exc:
+            parsed = Pattern.parse(pattern)
+            if not parsed.is_nm:
+                raise ValueError(f"inspect checks an N:M pattern such as '2:4', got {pattern!r}")
+        except (TypeError, ValueError) as exc:
             print(f"optg inspect: bad --pattern: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        nm = (parsed.n, parsed.m)
     file = Path(path)
     if not file.is_file():
         print(f"optg inspect: no such file: {path}", file=sys.stderr)
         return EXIT_USAGE
+    checked = nm if nm is not None else (2, 4)
     try:
         model = load_model(file)
         if not model.ir_version and not model.graph.node:  # protobuf parses b"" as an empty model
             raise ValueError("no ONNX model in the file (empty or not a ModelProto)")
-        weights = collect_weights(model, base_dir=str(file.parent))
+        scan = scan_weights(model, base_dir=str(file.parent))
+        rows = [weight_report(w, checked) for w in scan.weights]
+    except OversizedTensor as exc:
+        print(f"optg inspect: cannot read {path}: oversized tensor: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - any decode/load error means "unreadable"
         print(f"optg inspect: cannot read {path} as ONNX: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return EXIT_USAGE
 
-    checked = nm if nm is not None else (2, 4)
-    rows = [weight_report(w, checked) for w in weights]
-    violations = [_violation(w, r) for w, r in zip(weights, rows)
-                  if nm is not None and r["required"] and not r["pattern_ok"]]
-    summary = _summary(rows, checked, nm is not None)
-    code = EXIT_GATE if violations else EXIT_OK
+    enforced = nm is not None
+    violations = [_violation(w, r) for w, r in zip(scan.weights, rows)
+                  if enforced and r["required"] and not r["pattern_ok"]]
+    untraced = [u.describe() for u in scan.untraced]
+    summary = _summary(rows, scan, checked, enforced)
+    failures = violations + (untraced if enforced else [])
+    if enforced and summary["required"] == 0:
+        failures.append(_nothing_checked(rows, checked))
+    code = EXIT_GATE if failures else EXIT_OK
     if as_json:
-        json.dump({"file": str(file), "pattern": pattern, "checked_pattern": f"{checked[0]}:{checked[1]}",
-                   "weights": rows, "summary": summary, "violations": violations, "exit_code": code},
+        json.dump({"file": str(file), "pattern": pattern,
+                   "checked_pattern": f"{checked[0]}:{checked[1]}", "weights": rows,
+                   "untraced": [vars(u) for u in scan.untraced],
+                   "not_inspected": scan.not_inspected, "summary": summary,
+                   "violations": violations, "failures": failures, "exit_code": code},
                   out, indent=2)
         out.write("\n")
-        for line in violations:
+        for line in failures:
             print(f"optg inspect: {line}", file=sys.stderr)
     else:
-        _print_table(file, rows, checked, nm is not None, summary, violations, out)
+        _print_table(file, rows, scan, checked, enforced, summary, failures, out)
     return code
 
 
@@ -71,7 +98,15 @@ def _violation(w: OnnxWeight, row: dict) -> str:
             f"at {row['first_bad_group']} ({row['first_bad_group_nnz']} nonzeros)")
 
 
-def _summary(rows: list[dict], nm: tuple[int, int], enforced: bool) -> dict:
+def _nothing_checked(rows: list[dict], nm: tuple[int, int]) -> str:
+    pat = f"{nm[0]}:{nm[1]}"
+    if not rows:
+        return f"nothing checked: no Conv/Gemm/MatMul weight could be read, so {pat} is unproven"
+    exempt = ", ".join(f"'{r['name']}' ({r['exempt_reason']})" for r in rows)
+    return f"nothing checked: no weight can carry {pat}; every weight is exempt: {exempt}"
+
+
+def _summary(rows: list[dict], scan: WeightScan, nm: tuple[int, int], enforced: bool) -> dict:
     pat = f"{nm[0]}:{nm[1]}"
     required = [r for r in rows if r["required"]]
     return {
@@ -82,29 +117,25 @@ def _summary(rows: list[dict], nm: tuple[int, int], enforced: bool) -> dict:
         "holding": sum(1 for r in required if r["pattern_ok"]),
         "violating": sum(1 for r in required if not r["pattern_ok"]),
         "exempt": len(rows) - len(required),
+        "untraced": len(scan.untraced),
+        "not_inspected": len(scan.not_inspected),
+        "activation_operands": scan.activation_operands,
         "trt_eligible": sum(1 for r in rows if r["eligible"]),
         "likely_faster": sum(1 for r in rows if r["likely_faster"]),
         "apex_eligible": sum(1 for r in rows if r["apex_eligible"]),
-        "total_params": sum(_numel(r["shape"]) for r in rows),
+        "total_params": sum(r["numel"] for r in rows),
         "zero_fraction": _weighted_sparsity(rows),
     }
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _weighted_sparsity(rows: list[dict]) -> float:
-    total = sum(_numel(r["shape"]) for r in rows)
-    zeros = sum(_numel(r["shape"]) * r["sparsity"] for r in rows)
-    return round(zeros / total, 6) if total else 0.0
+    """Zeros over all weights, from each weight's exact zero count (not its rounded fraction)."""
+    total = sum(r["numel"] for r in rows)
+    return round(sum(r["zeros"] for r in rows) / total, 6) if total else 0.0
 
 
-def _print_table(file: Path, rows: list[dict], nm: tuple[int, int], enforced: bool, summary: dict,
-                 violations: list[str], out: TextIO) -> None:
+def _print_table(file: Path, rows: list[dict], scan: WeightScan, nm: tuple[int, int],
+                 enforced: bool, summary: dict, failures: list[str], out: TextIO) -> None:
     pat = f"{nm[0]}:{nm[1]}"
     head = ["weight", "node", "op", "shape", "axis", "sparsity", pat, "best fit", "TRT", "reason"]
     table = [head]
@@ -120,19 +151,28 @@ def _print_table(file: Path, rows: list[dict], nm: tuple[int, int], enforced: bo
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     mode = f"enforcing {pat}" if enforced else f"report only, {pat} shown"
-    print(f"{file}: {len(rows)} Conv/Gemm/MatMul weight(s), {mode}", file=out)
+    print(f"{file}: {len(rows)} Conv/Gemm/MatMul weight(s) read, {len(scan.untraced)} untraced, "
+          f"{mode}", file=out)
     if not rows:
-        print("no constant Conv/Gemm/MatMul weights found", file=out)
+        print("no Conv/Gemm/MatMul weights could be read", file=out)
     for row in table:
         cells = [c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]
         print("  ".join(cells).rstrip(), file=out)
+    if not enforced:
+        for u in scan.untraced:
+            print(f"untraced: {u.describe()}", file=out)
+    for note in scan.not_inspected:
+        print(f"not inspected: {note}", file=out)
     s = summary
     print(f"summary: {s['required']} weight(s) can carry {pat} (C % {nm[1]} == 0, ungrouped): "
-          f"{s['holding']} hold it, {s['violating']} do not; {s['exempt']} exempt; TensorRT eligible "
-          f"{s['trt_eligible']}, likely faster {s['likely_faster']}, apex ASP {s['apex_eligible']}; "
-          f"{100 * s['zero_fraction']:.1f}% of {s['total_params']} weights are zero", file=out)
-    for line in violations:
+          f"{s['holding']} hold it, {s['violating']} do not; {s['exempt']} exempt; {s['untraced']} "
+          f"untraced; TensorRT eligible {s['trt_eligible']}, likely faster {s['likely_faster']}, "
+          f"apex ASP {s['apex_eligible']}; {100 * s['zero_fraction']:.1f}% of {s['total_params']} "
+          f"weights are zero", file=out)
+    for line in failures:
         print(f"FAIL {line}", file=out)
     if enforced:
-        print("result: " + (f"FAIL ({len(violations)} weight(s) miss {pat})" if violations
-                            else f"OK (every eligible weight holds {pat})"), file=out)
+        print("result: " + (f"FAIL ({len(failures)} problem(s): weights that miss {pat}, cannot be "
+                            f"traced, or nothing checked)" if failures
+                            else f"OK ({s['required']} weight(s) checked, every eligible weight holds "
+                                 f"{pat})"), file=out)

@@ -1,19 +1,28 @@
 """Read weights and their sparsity back from an ONNX file; N:M along the reduction axis; eligibility.
 
 Everything here works on the file as written (after the exporter folded BatchNorm, pre-transposed
-Linear weights or renamed tensors), so a 2:4 claim is checked where it matters: on the tensors a
-runtime such as TensorRT will see. Pure functions on `onnx.ModelProto` and numpy, shared by the
-verify stage and `optg inspect`.
+Linear weights or renamed tensors, after a quantizer inserted QuantizeLinear/DequantizeLinear), so
+a 2:4 claim is checked where it matters: on the tensors a runtime such as TensorRT will see.
+Pure functions on `onnx.ModelProto` and numpy, shared by the verify stage and `optg inspect`.
 
-Which tensors count as weights: a constant (initializer, sparse initializer or Constant node)
-feeding Conv input 1, Gemm input 1 (B; also A when constant), or either MatMul input when it is a
-constant of rank >= 2, followed back through Identity, Cast, Transpose (the permutation is applied
-to the axis), DequantizeLinear (zeros of the dequantized tensor) and shape-preserving Reshape.
-Nodes inside If/Loop/Scan subgraphs and ConvTranspose are not inspected.
+Which tensors count as weights (see `scan_weights`): the weight input of Conv, com.microsoft
+FusedConv, ConvInteger and QLinearConv; B of Gemm/com.microsoft FusedGemm; B of MatMul,
+com.microsoft FusedMatMul, MatMulInteger and QLinearMatMul unless it is an activation computed from
+the graph's inputs (attention's K); and A of these when it is a constant. Each is followed back to
+an initializer, sparse initializer or Constant by `stages.onnx_trace` (Identity, Cast,
+Transpose, Reshape/Flatten/Squeeze/Unsqueeze, QuantizeLinear, DequantizeLinear; values computed as
+the runtime would). A weight input that cannot be followed - a graph input, an op inspect does
+not evaluate (`Mul(W, 1)`), a Reshape with a computed shape, a weight inside an If/Loop/Scan body,
+a constant operand of a com.microsoft/custom contraction or of Einsum - is reported as an
+`UntracedWeight` with the reason, never skipped: `optg inspect --pattern` fails on it.
+ConvTranspose and RNN weights are listed as not inspected.
 
-Reduction axis in the consumer's layout: Conv weight [K, C/g, *k] -> 1; Gemm B -> 1 when transB=1
-else 0; MatMul constant B [..., K, N] -> -2; constant A [..., M, K] -> -1. An N:M group is M
-consecutive elements along that axis at one fixed position of all other axes.
+Values, shapes and axes are in the consumer's layout (what the Conv/Gemm/MatMul reads); the
+stored tensor's shape is `stored_shape`. Reduction axis: Conv weight [K, C/g, *k] -> 1; Gemm B
+-> 1 when transB=1 else 0; MatMul B [..., K, N] -> -2 (never a batch axis); constant A
+[..., M, K] -> -1. An N:M group is M consecutive elements along that axis at one fixed position
+of all other axes. Integer ops (ConvInteger, QLinearConv, MatMulInteger, QLinearMatMul) count a
+weight as zero where it equals its zero point.
 
 Eligibility (see ALGORITHMS.md section 3): hardware 2:4 needs the reduction size C % 4 == 0 and an
 ungrouped layer; TensorRT only picks sparse kernels where they pay off, so a layer with fewer than
@@ -29,7 +38,50 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from stages.onnx_trace import (
+    GraphIndex,
+    Traced,
+    Untraceable,
+    attr,
+    has_subgraph,
+    node_label,
+)
+from stages.onnx_values import (
+    MAX_DENSE_ELEMENTS,
+    NMCheck,
+    OversizedTensor,
+    Tensor,
+    UnreadableTensor,
+    check_nm,
+    dtype_kind,
+    numeric,
+)
+
+__all__ = [
+    "CANDIDATE_PATTERNS",
+    "HW_M",
+    "MAX_DENSE_ELEMENTS",
+    "TINY_C",
+    "TINY_NUMEL",
+    "Eligibility",
+    "NMCheck",
+    "OnnxWeight",
+    "OversizedTensor",
+    "UnreadableTensor",
+    "UntracedWeight",
+    "WeightScan",
+    "best_pattern",
+    "check_nm",
+    "collect_weights",
+    "eligibility",
+    "load_model",
+    "must_hold",
+    "scan_weights",
+    "sparse_to_dense",
+    "sparsity",
+    "weight_report",
+]
 
 HW_M = 4  # sparse tensor cores group 4 elements along the reduction axis (2:4)
 TINY_NUMEL = 4096  # fewer weights than this: sparse kernels cannot win back their overhead
@@ -37,32 +89,36 @@ TINY_C = 64  # reduction size below this: same
 # Candidate patterns for "best fit", most restrictive first (1:2 implies 2:4 implies 4:8).
 CANDIDATE_PATTERNS: tuple[tuple[int, int], ...] = ((1, 4), (2, 8), (1, 2), (2, 4), (4, 8))
 
-_PASS_THROUGH = {"Identity", "Cast"}
 _FX_PARAM_RE = re.compile(r"%p_([A-Za-z0-9_]+)")
 
 
 @dataclass
 class OnnxWeight:
-    """One constant weight as a Conv/Gemm/MatMul consumes it, in its stored layout."""
+    """One constant weight as a Conv/Gemm/MatMul consumes it, in the consumer's layout."""
 
     name: str  # stored tensor name (initializer, sparse initializer or Constant output)
     node: str  # consuming node's name (or "<op>#<index>" when unnamed)
-    op: str  # Conv, Gemm or MatMul
-    node_index: int  # position of the consumer in graph.node
+    op: str  # Conv, FusedConv, Gemm, MatMul, ... (the consumer's op type)
     input_index: int
     source: str  # "initializer", "sparse_initializer" or "constant"
     path: tuple[str, ...]  # ops between the stored tensor and the consumer, consumer side first
-    values: np.ndarray  # stored layout; dequantized when behind DequantizeLinear
-    reduction_axis: int  # in the stored layout
-    out_axis: int  # output-channel axis (K) in the stored layout
-    consumer_perm: tuple[int, ...]  # consumer layout = values.transpose(consumer_perm)
+    tensor: Tensor  # consumer layout, decoded (float32/int64 for bf16/fp8/int4), dense or COO
+    reduction_axis: int  # in the consumer layout
+    out_axis: int  # output-channel axis (K) in the consumer layout
+    stored_shape: tuple[int, ...]
+    dtype: str = "float32"  # element type the consumer sees (before decoding)
     group: int = 1
     scope: str | None = None  # module path from the dynamo exporter's metadata, if any
     fx_params: tuple[str, ...] = field(default_factory=tuple)  # "%p_xxx" parameters it references
 
     @property
+    def values(self) -> np.ndarray:
+        """Dense values (OversizedTensor for a huge weight stored sparse)."""
+        return self.tensor.to_dense(f"weight '{self.name}'")
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.values.shape)
+        return self.tensor.shape
 
     @property
     def reduction_size(self) -> int:
@@ -75,11 +131,19 @@ class OnnxWeight:
 
     @property
     def numel(self) -> int:
-        return int(self.values.size)
+        return self.tensor.numel
+
+    @property
+    def zeros(self) -> int:
+        return self.numel - self.tensor.count_nonzero()
 
     @property
     def sparsity(self) -> float:
-        return sparsity(self.values)
+        return self.tensor.sparsity()
+
+    def check(self, n: int, m: int) -> NMCheck:
+        """N:M along the reduction axis (from the indices when the weight is stored sparse)."""
+        return self.tensor.check_nm(self.reduction_axis, n, m)
 
     def torch_layout(self) -> np.ndarray:
         """The weight as PyTorch holds it: [K, C, *kernel] (Linear: [out, in])."""
@@ -87,25 +151,28 @@ class OnnxWeight:
 
 
 @dataclass
-class NMCheck:
-    """Result of checking N:M along one axis. `location` is in the stored layout."""
+class UntracedWeight:
+    """A weight input of a Conv/Gemm/MatMul whose values could not be read: nothing was checked."""
 
-    n: int
-    m: int
-    applicable: bool  # reduction size divisible by M
-    holds: bool
-    groups: int = 0
-    bad_groups: int = 0
-    location: str | None = None  # e.g. "[5, 4:8, 0, 1]" - the first violating group
-    location_nnz: int | None = None
+    name: str  # the tensor name at the consumer's input
+    node: str
+    op: str
+    input_index: int
+    reason: str
 
     def describe(self) -> str:
-        if not self.applicable:
-            return f"{self.n}:{self.m} not applicable (reduction size not divisible by {self.m})"
-        if self.holds:
-            return f"{self.n}:{self.m} holds"
-        return (f"{self.bad_groups} of {self.groups} groups have more than {self.n} nonzeros, "
-                f"first at {self.location} ({self.location_nnz} nonzeros)")
+        return (f"weight '{self.name}' (node {self.node}, {self.op} input {self.input_index}) is "
+                f"untraced, nothing was checked: {self.reason}")
+
+
+@dataclass
+class WeightScan:
+    """What `scan_weights` found: read weights, untraced weight inputs, ops it does not inspect."""
+
+    weights: list[OnnxWeight] = field(default_factory=list)
+    untraced: list[UntracedWeight] = field(default_factory=list)
+    not_inspected: list[str] = field(default_factory=list)
+    activation_operands: int = 0  # MatMul operands computed from the graph's inputs (not weights)
 
 
 @dataclass
@@ -118,37 +185,15 @@ class Eligibility:
 
 def sparsity(values: np.ndarray) -> float:
     """Fraction of exact zeros."""
+    values = numeric(values)
     return 0.0 if values.size == 0 else float(1.0 - int(np.count_nonzero(values)) / values.size)
 
 
-def check_nm(values: np.ndarray, axis: int, n: int, m: int) -> NMCheck:
-    """At most n nonzeros in every run of m consecutive elements along `axis` (vectorised)."""
-    size = values.shape[axis]
-    if size % m:
-        return NMCheck(n, m, applicable=False, holds=False)
-    moved = np.moveaxis(values, axis, -1)
-    groups = moved.reshape(*moved.shape[:-1], size // m, m)
-    nnz = np.count_nonzero(groups, axis=-1)
-    bad = nnz > n
-    bad_count = int(np.count_nonzero(bad))
-    result = NMCheck(n, m, applicable=True, holds=bad_count == 0, groups=int(nnz.size),
-                     bad_groups=bad_count)
-    if bad_count:
-        flat = int(np.flatnonzero(bad)[0])
-        pos = np.unravel_index(flat, bad.shape)
-        others, gidx = [int(p) for p in pos[:-1]], int(pos[-1])
-        parts = [str(p) for p in others]
-        parts.insert(axis, f"{gidx * m}:{gidx * m + m}")
-        result.location = "[" + ", ".join(parts) + "]"
-        result.location_nnz = int(nnz[pos])
-    return result
-
-
-def best_pattern(values: np.ndarray, axis: int) -> str | None:
+def best_pattern(values: np.ndarray | Tensor, axis: int) -> str | None:
     """The most restrictive common N:M pattern that holds along `axis`, or None."""
+    tensor = values if isinstance(values, Tensor) else Tensor.of(values)
     for n, m in CANDIDATE_PATTERNS:
-        check = check_nm(values, axis, n, m)
-        if check.holds:
+        if tensor.check_nm(axis, n, m).holds:
             return f"{n}:{m}"
     return None
 
@@ -185,19 +230,20 @@ def must_hold(w: OnnxWeight, m: int) -> tuple[bool, str]:
 def weight_report(w: OnnxWeight, nm: tuple[int, int] | None = None) -> dict:
     """JSON-ready description of one weight; checks `nm` (default hardware 2:4)."""
     n, m = nm if nm is not None else (2, HW_M)
-    check = check_nm(w.values, w.reduction_axis, n, m)
+    check = w.check(n, m)
     elig = eligibility(w)
     required, exempt_reason = must_hold(w, m)
     return {
         "name": w.name, "node": w.node, "op": w.op, "shape": list(w.shape),
         "reduction_axis": w.reduction_axis, "C": w.reduction_size, "K": w.out_size,
         "group": w.group, "source": w.source, "path": list(w.path),
+        "stored_shape": list(w.stored_shape), "dtype": w.dtype, "numel": w.numel, "zeros": w.zeros,
         "sparsity": round(w.sparsity, 6), "pattern": f"{n}:{m}",
         "pattern_ok": check.holds if check.applicable else None,
         "required": required, "exempt_reason": exempt_reason,
         "bad_groups": check.bad_groups, "groups": check.groups,
         "first_bad_group": check.location, "first_bad_group_nnz": check.location_nnz,
-        "best_pattern": best_pattern(w.values, w.reduction_axis),
+        "best_pattern": best_pattern(w.tensor, w.reduction_axis),
         "eligible": elig.eligible, "likely_faster": elig.likely_faster,
         "apex_eligible": elig.apex, "reason": elig.reason,
     }
@@ -212,179 +258,76 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
 
 def sparse_to_dense(sp: onnx.SparseTensorProto) -> np.ndarray:
-    """COO sparse tensor (linear [NNZ] or [NNZ, rank] indices) to a dense numpy array."""
-    values = numpy_helper.to_array(sp.values).reshape(-1)
-    dims = tuple(int(d) for d in sp.dims)
-    dense = np.zeros(int(np.prod(dims)) if dims else 1, dtype=values.dtype)
-    indices = numpy_helper.to_array(sp.indices).astype(np.int64)
-    if indices.ndim == 2:
-        indices = np.ravel_multi_index(tuple(indices.T), dims)
-    dense[indices.reshape(-1)] = values
-    return dense.reshape(dims)
+    """COO sparse tensor (linear [NNZ] or [NNZ, rank] indices) to a dense numpy array; refuses
+    (OversizedTensor) more than MAX_DENSE_ELEMENTS elements."""
+    return Tensor.from_sparse(sp, sp.values.name).to_dense(f"sparse tensor '{sp.values.name}'")
 
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "sparse_value":
-            return sparse_to_dense(attr.sparse_tensor)
-        if attr.name == "value_floats":
-            return np.asarray(attr.floats, dtype=np.float32)
-        if attr.name == "value_float":
-            return np.asarray(attr.f, dtype=np.float32)
-        if attr.name == "value_ints":
-            return np.asarray(attr.ints, dtype=np.int64)
-        if attr.name == "value_int":
-            return np.asarray(attr.i, dtype=np.int64)
-    return None
+@dataclass(frozen=True)
+class _Slot:
+    """How a consumer op reads one input as a weight."""
+
+    index: int
+    role: str  # "weight": always a weight; "b": a weight unless an activation; "a": only if constant
+    zero_point: int | None = None  # input holding its zero point (integer ops)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
+_CONV = (_Slot(1, "weight"),)
+_GEMM = (_Slot(1, "weight"), _Slot(0, "a"))
+_MATMUL = (_Slot(1, "b"), _Slot(0, "a"))
+_CONSUMERS: dict[tuple[str, str], tuple[_Slot, ...]] = {
+    ("", "Conv"): _CONV, ("com.microsoft", "FusedConv"): _CONV,
+    ("", "ConvInteger"): (_Slot(1, "weight", 3),), ("", "QLinearConv"): (_Slot(3, "weight", 5),),
+    ("", "Gemm"): _GEMM, ("com.microsoft", "FusedGemm"): _GEMM,
+    ("", "MatMul"): _MATMUL, ("com.microsoft", "FusedMatMul"): _MATMUL,
+    ("", "MatMulInteger"): (_Slot(1, "b", 3), _Slot(0, "a", 2)),
+    ("", "QLinearMatMul"): (_Slot(3, "b", 5), _Slot(0, "a", 2)),
+}
+_CONV_OPS = {"Conv", "FusedConv", "ConvInteger", "QLinearConv"}
+_GEMM_OPS = {"Gemm", "FusedGemm"}
+_NOT_INSPECTED = {"ConvTranspose", "LSTM", "GRU", "RNN"}  # no 2:4 check defined for these
+_CONTRACTION_RE = re.compile(r"Conv|Gemm|MatMul|Attention|Einsum")
 
 
-@dataclass
-class _Resolved:
-    values: np.ndarray
-    name: str
-    source: str
-    path: list[str]
-    perms: list[tuple[int, ...]]  # Transpose perms met, consumer side first
+def _domain(node: onnx.NodeProto) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
 
 
-class _Graph:
-    """Index of a graph's constants and producers, to follow a weight back to its storage."""
-
-    def __init__(self, model: onnx.ModelProto, base_dir: str | None) -> None:
-        graph = model.graph
-        self.base_dir = base_dir or ""
-        self.inits = {t.name: t for t in graph.initializer}
-        self.sparse = {s.values.name: s for s in graph.sparse_initializer}
-        self.producers = {out: node for node in graph.node for out in node.output if out}
-        self._cache: dict[str, np.ndarray | None] = {}
-
-    def _array(self, name: str) -> tuple[np.ndarray, str] | None:
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name], self.base_dir), "initializer"
-        if name in self.sparse:
-            return sparse_to_dense(self.sparse[name]), "sparse_initializer"
-        node = self.producers.get(name)
-        if node is not None and node.op_type == "Constant" and not node.domain:
-            value = _constant_value(node)
-            if value is not None:
-                return value, "constant"
-        return None
-
-    def constant(self, name: str, depth: int = 0) -> np.ndarray | None:
-        """Value of a constant-foldable tensor through the pass-through ops (used for shapes)."""
-        found = self.resolve(name, depth)
-        return None if found is None else found.values
-
-    def resolve(self, name: str, depth: int = 0) -> _Resolved | None:
-        if not name or depth > 16:
-            return None
-        direct = self._array(name)
-        if direct is not None:
-            return _Resolved(direct[0], name, direct[1], [], [])
-        node = self.producers.get(name)
-        if node is None or node.domain not in ("", "ai.onnx"):
-            return None
-        op = node.op_type
-        if op in _PASS_THROUGH:
-            inner = self.resolve(node.input[0], depth + 1)
-            if inner is not None:
-                inner.path.insert(0, op)
-            return inner
-        if op == "Transpose":
-            inner = self.resolve(node.input[0], depth + 1)
-            if inner is None:
-                return None
-            perm = tuple(_attr(node, "perm", None) or range(inner.values.ndim - 1, -1, -1))
-            # perms are composed consumer side first; record this one at the front
-            inner.path.insert(0, op)
-            inner.perms.insert(0, perm)
-            return inner
-        if op == "Reshape":
-            inner = self.resolve(node.input[0], depth + 1)
-            target = self.constant(node.input[1], depth + 1) if len(node.input) > 1 else None
-            if inner is None or target is None or inner.perms:
-                return None
-            in_shape = _apply_perms(inner.values.shape, inner.perms)
-            if _reshape_target(in_shape, target, bool(_attr(node, "allowzero", 0))) != in_shape:
-                return None  # only shape-preserving reshapes keep the axes meaningful
-            inner.path.insert(0, op)
-            return inner
-        if op == "DequantizeLinear":
-            inner = self.resolve(node.input[0], depth + 1)
-            if inner is None or inner.perms:
-                return None
-            scale = self.constant(node.input[1], depth + 1) if len(node.input) > 1 else None
-            zero = self.constant(node.input[2], depth + 1) if len(node.input) > 2 else None
-            inner.values = _dequantize(inner.values, scale, zero, int(_attr(node, "axis", 1)))
-            inner.path.insert(0, op)
-            return inner
-        return None
-
-
-def _apply_perms(shape: tuple[int, ...], perms: list[tuple[int, ...]]) -> tuple[int, ...]:
-    for perm in reversed(perms):  # storage side first
-        shape = tuple(shape[p] for p in perm)
-    return tuple(int(d) for d in shape)
-
-
-def _reshape_target(shape: tuple[int, ...], target: np.ndarray, allowzero: bool) -> tuple[int, ...]:
-    dims = [int(d) for d in np.asarray(target).reshape(-1)]
-    out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d for i, d in enumerate(dims)]
-    if out.count(-1) == 1:
-        known = int(np.prod([d for d in out if d != -1])) or 1
-        out[out.index(-1)] = int(np.prod(shape)) // known
-    return tuple(out)
-
-
-def _dequantize(q: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None,
-                axis: int) -> np.ndarray:
-    """(q - zero_point) * scale with per-tensor or per-axis parameters; zeros stay exact."""
-    centered = q.astype(np.int64)
-    try:
-        if zero is not None:
-            centered = centered - _broadcast_axis(zero.astype(np.int64), q.ndim, axis)
-        if scale is None:
-            return centered.astype(np.float32)
-        return (centered * _broadcast_axis(scale.astype(np.float32), q.ndim, axis)).astype(np.float32)
-    except ValueError:  # blocked quantization or odd shapes: zeros of (q - zero) still hold
-        return centered.astype(np.float32)
-
-
-def _broadcast_axis(param: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    if param.size == 1:
-        return param.reshape(())
-    if param.ndim != 1:
-        raise ValueError("blocked quantization parameters")
-    shape = [1] * ndim
-    shape[axis % ndim] = param.size
-    return param.reshape(shape)
-
-
-def _consumer_axes(node: onnx.NodeProto, index: int, rank: int) -> tuple[int, int] | None:
-    """(reduction axis, output axis) in the consumer's layout, or None if not a weight input."""
+def _axes(node: onnx.NodeProto, slot: _Slot, rank: int) -> tuple[int, int] | str | None:
+    """(reduction axis, output axis) in the consumer layout; a reason when the input cannot be a
+    weight of that op; None for a MatMul vector operand (no N:M groups to check)."""
     op = node.op_type
-    if op == "Conv" and index == 1 and rank >= 3:
-        return 1, 0
-    if op == "Gemm" and rank == 2:
-        if index == 1:
-            return (1, 0) if _attr(node, "transB", 0) else (0, 1)
-        if index == 0:
-            return (0, 1) if _attr(node, "transA", 0) else (1, 0)
-    if op == "MatMul" and rank >= 2:
-        if index == 1:
-            return rank - 2, rank - 1
-        if index == 0:
-            return rank - 1, rank - 2
-    return None
+    if op in _CONV_OPS:
+        return (1, 0) if rank >= 3 else f"{op} weight of rank {rank} (expected >= 3)"
+    if op in _GEMM_OPS:
+        if rank != 2:
+            return f"{op} operand of rank {rank} (expected 2)"
+        if slot.index == 1:
+            return (1, 0) if attr(node, "transB", 0) else (0, 1)
+        return (0, 1) if attr(node, "transA", 0) else (1, 0)
+    if rank < 2:
+        return None
+    is_b = slot.role == "b"
+    if op == "FusedMatMul":
+        if attr(node, "transBatchB" if is_b else "transBatchA", 0):
+            return f"FusedMatMul with {'transBatchB' if is_b else 'transBatchA'}=1 is not inspected"
+        if attr(node, "transB" if is_b else "transA", 0):
+            return (rank - 1, rank - 2) if is_b else (rank - 2, rank - 1)
+    return (rank - 2, rank - 1) if is_b else (rank - 1, rank - 2)
+
+
+def _center(values: np.ndarray, zero: np.ndarray, out_axis: int) -> np.ndarray:
+    """values - zero_point (per tensor, or per output channel/column along `out_axis`)."""
+    q, z = numeric(values).astype(np.int64), numeric(zero).astype(np.int64)
+    if z.size == 1:
+        return q - z.reshape(())
+    if z.ndim == 1 and z.size == q.shape[out_axis]:
+        view = [1] * q.ndim
+        view[out_axis] = z.size
+        return q - z.reshape(view)
+    if z.ndim == q.ndim:
+        return q - z  # broadcasts or raises ValueError
+    raise ValueError(f"zero point of shape {list(z.shape)} does not fit weight {list(q.shape)}")
 
 
 def _scope(node: onnx.NodeProto) -> tuple[str | None, tuple[str, ...]]:
@@ -409,34 +352,138 @@ def _scope(node: onnx.NodeProto) -> tuple[str | None, tuple[str, ...]]:
     return scope, params
 
 
+class _Scanner:
+    """Walks the main graph's nodes and reads (or reports untraced) every weight input."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None) -> None:
+        self.graph = model.graph
+        self.g = GraphIndex(model.graph, base_dir)
+        self.scan = WeightScan()
+        self._outer_const: set[str] | None = None  # main-graph constants, for subgraph bodies
+
+    def run(self) -> WeightScan:
+        for idx, node in enumerate(self.graph.node):
+            label = node.name or f"{node.op_type}#{idx}"
+            slots = _CONSUMERS.get((_domain(node), node.op_type))
+            if slots is not None:
+                for slot in slots:
+                    self._slot(node, label, slot)
+            elif _domain(node) == "" and node.op_type in _NOT_INSPECTED:
+                self.scan.not_inspected.append(f"{node_label(node)}: {node.op_type} weights are not "
+                                               f"checked for N:M")
+            elif (_domain(node) != "" or node.op_type == "Einsum") \
+                    and _CONTRACTION_RE.search(node.op_type):
+                self._unread_contraction(node, label)
+            if has_subgraph(node):
+                self._subgraphs(node, label)
+        return self.scan
+
+    def _untraced(self, node: onnx.NodeProto, label: str, index: int, reason: str) -> None:
+        self.scan.untraced.append(UntracedWeight(node.input[index], label, node.op_type, index, reason))
+
+    def _slot(self, node: onnx.NodeProto, label: str, slot: _Slot) -> None:
+        if slot.index >= len(node.input) or not node.input[slot.index]:
+            return
+        name = node.input[slot.index]
+        dynamic = name in self.g.dynamic
+        if slot.role == "a" and dynamic:
+            return  # the data operand
+        try:
+            traced = self.g.trace(name)
+        except Untraceable as exc:
+            fed = self.g.fed_from_input(name) if dynamic else None
+            if slot.role == "b" and dynamic and fed is None:
+                self.scan.activation_operands += 1  # computed from the inputs: an activation
+                return
+            reason = str(exc)
+            if fed is not None and fed != name:
+                reason += f"; it is fed at run time from graph input '{fed}'"
+            elif dynamic and fed is None:
+                reason += "; it is computed at run time from the graph's inputs"
+            self._untraced(node, label, slot.index, reason)
+            return
+        self._weight(node, label, slot, traced)
+
+    def _weight(self, node: onnx.NodeProto, label: str, slot: _Slot, traced: Traced) -> None:
+        tensor = traced.tensor
+        kind = dtype_kind(tensor.dtype)
+        if kind not in "fi":
+            self._untraced(node, label, slot.index, f"element type {tensor.dtype} is not numeric")
+            return
+        axes = _axes(node, slot, tensor.ndim)
+        if axes is None:
+            return
+        if isinstance(axes, str):
+            self._untraced(node, label, slot.index, axes)
+            return
+        dtype = tensor.dtype.name
+        tensor = tensor.map_values(numeric)
+        path = list(traced.path)
+        if slot.zero_point is not None and slot.zero_point < len(node.input) \
+                and node.input[slot.zero_point]:
+            try:
+                zero = self.g.constant(node.input[slot.zero_point])
+                if np.any(numeric(zero)):
+                    tensor = Tensor.of(_center(tensor.to_dense(f"weight '{traced.name}'"), zero, axes[1]))
+                    path.insert(0, f"{node.op_type} zero point")
+            except (Untraceable, ValueError) as exc:
+                if isinstance(exc, UnreadableTensor):
+                    raise
+                self._untraced(node, label, slot.index, f"zero point '{node.input[slot.zero_point]}': "
+                                                        f"{exc}")
+                return
+        scope, params = _scope(node)
+        self.scan.weights.append(OnnxWeight(
+            name=traced.name, node=label, op=node.op_type, input_index=slot.index,
+            source=traced.source, path=tuple(path), tensor=tensor, reduction_axis=axes[0],
+            out_axis=axes[1], stored_shape=traced.stored_shape, dtype=dtype,
+            group=int(attr(node, "group", 1)) if node.op_type in _CONV_OPS else 1,
+            scope=scope, fx_params=params,
+        ))
+
+    def _unread_contraction(self, node: onnx.NodeProto, label: str) -> None:
+        """A contraction inspect does not evaluate: each constant operand of rank >= 2 is untraced."""
+        for index, name in enumerate(node.input):
+            if not name or name in self.g.dynamic:
+                continue
+            try:
+                rank = self.g.trace(name).tensor.ndim
+            except Untraceable:
+                rank = 2  # a constant we cannot even read: as unchecked as it gets
+            if rank >= 2:
+                self._untraced(node, label, index, f"{node_label(node)} is not an op inspect reads "
+                                                   f"weights from")
+
+    def _subgraphs(self, node: onnx.NodeProto, label: str) -> None:
+        """Weights of Conv/Gemm/MatMul inside If/Loop/Scan bodies are not read: report them."""
+        if self._outer_const is None:
+            self._outer_const = {n for n in (*self.g.inits, *self.g.sparse, *self.g.producers)
+                                 if n not in self.g.dynamic}
+        outer_const = self._outer_const
+        for a in node.attribute:
+            for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                consts = outer_const | {t.name for t in body.initializer} \
+                    | {s.values.name for s in body.sparse_initializer} \
+                    | {o for n in body.node if n.op_type == "Constant" for o in n.output}
+                for inner in body.node:
+                    for slot in _CONSUMERS.get((_domain(inner), inner.op_type), ()):
+                        name = inner.input[slot.index] if slot.index < len(inner.input) else ""
+                        if name and (slot.role == "weight" or name in consts):
+                            self.scan.untraced.append(UntracedWeight(
+                                name, inner.name or f"{inner.op_type} in {label}", inner.op_type,
+                                slot.index, f"inside the {a.name} of {node_label(node)}; subgraphs "
+                                            f"are not inspected"))
+                    if has_subgraph(inner):
+                        self._subgraphs(inner, label)
+
+
+def scan_weights(model: onnx.ModelProto, base_dir: str | None = None) -> WeightScan:
+    """Every weight of the main graph's Conv/Gemm/MatMul-like nodes, in node order, plus every
+    weight input that could not be traced (with the reason). Raises UnreadableTensor (its
+    subclass OversizedTensor for a tensor too large to densify) for a malformed stored tensor."""
+    return _Scanner(model, base_dir).run()
+
+
 def collect_weights(model: onnx.ModelProto, base_dir: str | None = None) -> list[OnnxWeight]:
-    """Every constant weight consumed by a Conv/Gemm/MatMul in the main graph, in node order."""
-    g = _Graph(model, base_dir)
-    found: list[OnnxWeight] = []
-    for idx, node in enumerate(model.graph.node):
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
-            continue
-        indices = (1,) if node.op_type == "Conv" else (1, 0)
-        for index in indices:
-            if index >= len(node.input):
-                continue
-            res = g.resolve(node.input[index])
-            # kind "V" covers ml_dtypes' bfloat16/float8 as onnx returns them
-            if res is None or res.values.ndim < 2 or res.values.dtype.kind not in "fiuV":
-                continue
-            axes = _consumer_axes(node, index, res.values.ndim)
-            if axes is None:
-                continue
-            # consumer axis i is stored axis chain[i]: compose perms, consumer side first
-            chain = list(range(res.values.ndim))
-            for perm in res.perms:
-                chain = [perm[c] for c in chain]
-            scope, params = _scope(node)
-            found.append(OnnxWeight(
-                name=res.name, node=node.name or f"{node.op_type}#{idx}", op=node.op_type,
-                node_index=idx, input_index=index, source=res.source, path=tuple(res.path),
-                values=res.values, reduction_axis=chain[axes[0]], out_axis=chain[axes[1]],
-                consumer_perm=tuple(chain), group=int(_attr(node, "group", 1)) if node.op_type == "Conv" else 1,
-                scope=scope, fx_params=params,
-            ))
-    return found
+    """The weights `scan_weights` could read (untraced inputs are left out: see scan_weights)."""
+    return scan_weights(model, base_dir).weights

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.inspect_cmd import run_inspect
+from tests.stages import onnx_cases as cases
 
 RNG = np.random.default_rng(1)
 
@@ -127,7 +131,7 @@ def test_json_output_shape(good, tmp_path, capsys):
     assert "fc.weight" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("pattern", ["2-4", "4:2", "0:4", "abc"])
+@pytest.mark.parametrize("pattern", ["2-4", "4:2", "0:4", "abc", "dense", "unstructured", ""])
 def test_bad_pattern_exits_2(good, pattern, capsys):
     assert inspect(good, pattern)[0] == 2
     assert "pattern" in capsys.readouterr().err
@@ -144,3 +148,85 @@ def test_missing_and_unreadable_files_exit_2(tmp_path, capsys):
     empty.write_bytes(b"")
     assert inspect(empty, None, as_json=True)[0] == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- adversarial files
+# (issue 12: chains that must be followed, inputs that must fail closed, bounded work)
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(cases.GOOD_BAD))
+def test_adversarial_good_passes_and_bad_fails_2_4(case, tmp_path, capsys):
+    good = save(cases.GOOD_BAD[case](True), tmp_path / "good.onnx")
+    bad = save(cases.GOOD_BAD[case](False), tmp_path / "bad.onnx")
+    code, text = inspect(good, "2:4")
+    assert code == 0, text
+    assert "result: OK (1 weight(s) checked" in text
+    code, text = inspect(bad, "2:4")
+    assert code == 3, text
+    fails = [line for line in text.splitlines() if line.startswith("FAIL ")]
+    assert len(fails) == 1 and "not 2:4 along reduction axis" in fails[0]
+    assert inspect(bad)[0] == 0  # report only
+
+
+@pytest.mark.parametrize("case", sorted(cases.UNTRACED))
+def test_untraceable_weight_fails_closed_naming_it(case, tmp_path, capsys):
+    build, name = cases.UNTRACED[case]
+    path = save(build(), tmp_path / f"{case}.onnx")
+    code, text = inspect(path, "2:4")
+    assert code == 3, text
+    assert f"FAIL weight '{name}'" in text and "untraced, nothing was checked" in text
+    assert "result: OK" not in text
+    code, text = inspect(path)  # without --pattern: reported, exit 0
+    assert code == 0 and f"untraced: weight '{name}'" in text
+    code, out = inspect(path, "2:4", as_json=True)
+    data = json.loads(out)
+    assert code == 3 and data["summary"]["untraced"] >= 1
+    assert {u["name"] for u in data["untraced"]} == {name}
+    assert name in capsys.readouterr().err
+
+
+def test_mul_by_one_names_the_stored_weight(tmp_path):
+    code, text = inspect(save(cases.mul_by_one(), tmp_path / "m.onnx"), "2:4")
+    assert code == 3 and "Mul node 'times_one' from 'W', 'one'" in text
+
+
+@pytest.mark.parametrize("build, why", [(cases.no_weights, "no Conv/Gemm/MatMul weight could be read"),
+                                        (cases.stem_only, "no weight can carry 2:4; every weight is exempt: 'W' (C=3")])
+def test_nothing_checked_is_never_ok(build, why, tmp_path):
+    path = save(build(), tmp_path / "m.onnx")
+    code, text = inspect(path, "2:4")
+    assert code == 3 and f"FAIL nothing checked: {why}" in text and "result: OK" not in text
+    assert inspect(path)[0] == 0
+
+
+def test_attention_activation_is_not_untraced(tmp_path):
+    code, text = inspect(save(cases.attention_like(), tmp_path / "a.onnx"), "2:4")
+    assert code == 0 and "2 Conv/Gemm/MatMul weight(s) read, 0 untraced" in text
+
+
+def test_huge_sparse_initializer_is_fast_and_bounded(tmp_path, capsys):
+    good = save(cases.huge_sparse(True), tmp_path / "huge.onnx")
+    assert good.stat().st_size < 400
+    start = time.perf_counter()
+    code, text = inspect(good, "2:4")
+    assert code == 0 and "32768x16384" in text and time.perf_counter() - start < 2.0
+    code, text = inspect(save(cases.huge_sparse(False), tmp_path / "bad.onnx"), "2:4")
+    assert code == 3 and "first bad group at [5, 0:4] (3 nonzeros)" in text
+    start = time.perf_counter()
+    code, _ = inspect(save(cases.huge_sparse(True, quantized=True), tmp_path / "q.onnx"), "2:4")
+    assert code == 2 and time.perf_counter() - start < 2.0
+    assert "oversized tensor" in capsys.readouterr().err
+
+
+def test_cli_entry_fails_closed(tmp_path):
+    """Through `python -m pipeline.cli inspect`: the exit code a release script sees."""
+    untraced = save(cases.graph_input_weight(), tmp_path / "gi.onnx")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", str(untraced), "--pattern",
+                           "2:4"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "FAIL weight 'W'" in proc.stdout and "graph input" in proc.stdout

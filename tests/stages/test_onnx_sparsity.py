@@ -6,8 +6,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from stages.onnx_sparsity import (OnnxWeight, best_pattern, check_nm, collect_weights, eligibility,
-                                  must_hold, sparse_to_dense, weight_report)
+from stages.onnx_sparsity import (
+    OnnxWeight,
+    best_pattern,
+    check_nm,
+    collect_weights,
+    eligibility,
+    must_hold,
+    sparse_to_dense,
+    weight_report,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -105,8 +113,9 @@ def test_weight_behind_transpose_cast_and_constant():
     ]
     w = only(model_of(nodes, [vi("X", None)], [vi("Y", None)]))
     assert w.source == "constant" and w.path == ("Transpose", "Cast") and w.name == "Wc"
-    assert w.reduction_axis == 1 and w.shape == (16, 32)  # axis mapped back through the perm
-    assert weight_report(w)["pattern_ok"] is True
+    # values and axes in the consumer's layout: MatMul B [K=32, N=16] reduces over axis 0
+    assert w.reduction_axis == 0 and w.shape == (32, 16) and w.stored_shape == (16, 32)
+    assert w.dtype == "float32" and weight_report(w)["pattern_ok"] is True
     np.testing.assert_array_equal(w.torch_layout(), stored)
 
 
@@ -116,7 +125,8 @@ def test_conv_weight_behind_4d_transpose():
     nodes = [helper.make_node("Transpose", ["S"], ["W"], perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["X", "W"], ["Y"], name="conv")]
     w = only(model_of(nodes, [vi("X", None)], [vi("Y", None)], [numpy_helper.from_array(stored, "S")]))
-    assert w.reduction_axis == 3 and w.reduction_size == 16 and w.out_axis == 0
+    assert w.reduction_axis == 1 and w.reduction_size == 16 and w.out_axis == 0
+    assert w.shape == (8, 16, 3, 3) and w.stored_shape == (8, 3, 3, 16)
     assert weight_report(w)["pattern_ok"] is True
     np.testing.assert_array_equal(w.torch_layout(), torch_w)
 
@@ -180,10 +190,13 @@ def test_sparse_initializer_and_trivial_reshape():
     got = only(model_of(nodes, [vi("X", None)], [vi("Y", None)], [shape], [sp]))
     assert got.source == "sparse_initializer" and got.path == ("Reshape",)
     assert weight_report(got)["pattern_ok"] is True
-    # a reshape that changes the layout makes the axes meaningless: not followed
+    # a shape-changing reshape is applied: the consumer sees [32, 16], which is not 2:4 along axis 1
     flat = numpy_helper.from_array(np.array([32, 16], np.int64), "shape2")
     nodes[0] = helper.make_node("Reshape", ["Ws", "shape2"], ["Wr"])
-    assert collect_weights(model_of(nodes, [vi("X", None)], [vi("Y", None)], [flat], [sp])) == []
+    got = only(model_of(nodes, [vi("X", None)], [vi("Y", None)], [flat], [sp]))
+    assert got.shape == (32, 16) and got.stored_shape == (16, 32) and got.tensor.is_sparse
+    np.testing.assert_array_equal(got.values, w.reshape(32, 16))
+    assert got.check(2, 4).holds == check_nm(w.reshape(32, 16), 1, 2, 4).holds
 
 
 def test_best_pattern_and_dense():

@@ -1,0 +1,231 @@
+"""The benchmark stage: latency of the final ONNX against a reference, measured in ONNX Runtime.
+
+The reference is the dense model before pruning, exported the same way (`export_reference`).
+Both files run in ONNX Runtime sessions built alike (CPUExecutionProvider, `threads` intra-op
+threads, one inter-op thread, sequential execution, all graph optimisations), on the same random
+input. Timing is interleaved: every repeat times one call of each model, alternating which goes
+first, so drift (thermal, other processes) hits both alike. Per batch size the medians of
+`repeats` calls give the ratio candidate / reference (< 1: the candidate is faster).
+
+CUDA: only when ONNX Runtime's CUDAExecutionProvider is installed and a session really runs on it;
+input and output then stay on the device (IO binding). TensorRT is never timed nor claimed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort  # type: ignore[import-untyped]
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from stages.base import StageError, StrictModel
+from stages.export import ExportConfig, export_onnx
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class BenchmarkConfig(StrictModel):
+    """Latency measurement settings (the `benchmark:` section)."""
+
+    enabled: bool = True
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    repeats: int = Field(30, ge=3, description="timed calls per model and batch size (median)")
+    warmup: int = Field(5, ge=0, description="untimed calls per model and batch size first")
+    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads (stated in results)")
+    cuda: bool = Field(True, description="also time CUDAExecutionProvider when it is installed")
+    seed: int = 0
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_unique(cls, value: list[int]) -> list[int]:
+        bad = [b for b in value if b < 1]
+        if bad:
+            raise ValueError(f"batch sizes must be >= 1, got {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"batch sizes must be distinct, got {value}")
+        return value
+
+
+@dataclass
+class LatencyRow:
+    provider: str
+    batch_size: int
+    reference_ms: float
+    candidate_ms: float
+    ratio: float
+    reference_samples_ms: list[float] = field(repr=False)
+    candidate_samples_ms: list[float] = field(repr=False)
+
+
+@dataclass
+class LatencyResult:
+    threads: int
+    repeats: int
+    warmup: int
+    rows: list[LatencyRow]
+    providers: list[str]
+    onnxruntime: str
+    notes: list[str] = field(default_factory=list)
+
+    def ratio(self, batch_size: int, provider: str = "CPUExecutionProvider") -> float:
+        for row in self.rows:
+            if row.batch_size == batch_size and row.provider == provider:
+                return row.ratio
+        raise KeyError(f"no latency measured for batch {batch_size} on {provider}")
+
+    def max_ratio(self, provider: str = "CPUExecutionProvider") -> float:
+        """The worst ratio over the batch sizes (what a `max_latency_ratio` gate compares)."""
+        return max(r.ratio for r in self.rows if r.provider == provider)
+
+    def to_dict(self) -> dict[str, Any]:
+        """`metrics.latency` of the manifest (medians and ratios; raw samples left out)."""
+        return {
+            "threads": self.threads, "repeats": self.repeats, "warmup": self.warmup,
+            "onnxruntime": self.onnxruntime, "providers": self.providers, "notes": self.notes,
+            "timing": "interleaved (reference and candidate alternate which runs first), median",
+            "rows": [{k: v for k, v in asdict(r).items() if not k.endswith("_samples_ms")}
+                     for r in self.rows],
+        }
+
+
+def interleaved_timings(calls: Sequence[Callable[[], object]], repeats: int, warmup: int,
+                        clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Seconds per call of each callable. Repeat i calls them in order when i is even, in
+    reverse order when odd (warm-up calls too, untimed)."""
+    for i in range(warmup):
+        for call in (calls if i % 2 == 0 else calls[::-1]):
+            call()
+    samples: list[list[float]] = [[] for _ in calls]
+    for i in range(repeats):
+        order = range(len(calls)) if i % 2 == 0 else range(len(calls) - 1, -1, -1)
+        for k in order:
+            start = clock()
+            calls[k]()
+            samples[k].append(clock() - start)
+    return samples
+
+
+def _session(path: Path, threads: int, provider: str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:
+        raise StageError(f"benchmark: ONNX Runtime cannot load {path}: {exc}") from exc
+
+
+def _input_spec(session: ort.InferenceSession, path: Path, input_shape: Sequence[int],
+                batch: int) -> tuple[str, type]:
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise StageError(f"benchmark: {path} has {len(inputs)} inputs; one is supported")
+    spec = inputs[0]
+    if spec.type not in _DTYPES:
+        raise StageError(f"benchmark: {path} input {spec.name!r} has type {spec.type}; "
+                         f"supported: {', '.join(_DTYPES)}")
+    shape = [batch, *input_shape]
+    if len(spec.shape) != len(shape):
+        raise StageError(f"benchmark: {path} input {spec.name!r} has rank {len(spec.shape)}, "
+                         f"input_shape {tuple(input_shape)} plus batch gives {len(shape)}")
+    fixed = [(i, d) for i, d in enumerate(spec.shape) if isinstance(d, int) and d != shape[i]]
+    if fixed:
+        raise StageError(f"benchmark: {path} input {spec.name!r} has fixed dims {spec.shape}; "
+                         f"cannot feed {shape} (export with dynamic_batch: true for several batch sizes)")
+    return spec.name, _DTYPES[spec.type]
+
+
+def _cpu_calls(sessions: list[ort.InferenceSession], feeds: list[dict[str, np.ndarray]]) -> list[Callable[[], object]]:
+    return [partial(session.run, None, feed) for session, feed in zip(sessions, feeds)]
+
+
+def _cuda_calls(sessions: list[ort.InferenceSession], feeds: list[dict[str, np.ndarray]]) -> list[Callable[[], object]]:
+    calls: list[Callable[[], object]] = []
+    for session, feed in zip(sessions, feeds):
+        binding = session.io_binding()
+        for name, array in feed.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda", 0)
+
+        def call(session: ort.InferenceSession = session, binding: Any = binding) -> None:
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+
+        calls.append(call)
+    return calls
+
+
+def measure_latency(reference_onnx: Path, candidate_onnx: Path, input_shape: Sequence[int],
+                    cfg: BenchmarkConfig) -> LatencyResult:
+    """Time both files at every batch size in `cfg.batch_sizes`; `input_shape` is one sample
+    without the batch dim. See the module docstring for the method."""
+    reference_onnx, candidate_onnx = Path(reference_onnx), Path(candidate_onnx)
+    missing = [str(p) for p in (reference_onnx, candidate_onnx) if not p.is_file()]
+    if missing:
+        raise StageError(f"benchmark: missing ONNX file(s): {', '.join(missing)}")
+    providers = ["CPUExecutionProvider"]
+    notes: list[str] = []
+    if cfg.cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.append("CUDAExecutionProvider")
+    rows: list[LatencyRow] = []
+    for provider in providers:
+        sessions = [_session(p, cfg.threads, provider) for p in (reference_onnx, candidate_onnx)]
+        if sessions[0].get_providers()[0] != provider or sessions[1].get_providers()[0] != provider:
+            notes.append(f"{provider} is installed but a session fell back to "
+                         f"{sessions[0].get_providers()[0]}; not timed")
+            continue
+        for batch in cfg.batch_sizes:
+            base = np.random.default_rng(cfg.seed).standard_normal([batch, *input_shape])
+            feeds: list[dict[str, np.ndarray]] = []
+            for session, path in zip(sessions, (reference_onnx, candidate_onnx)):
+                name, dtype = _input_spec(session, path, input_shape, batch)
+                feeds.append({name: base.astype(dtype)})  # the same input for both
+            make = _cpu_calls if provider == "CPUExecutionProvider" else _cuda_calls
+            ref, cand = interleaved_timings(make(sessions, feeds), cfg.repeats, cfg.warmup)
+            rows.append(_row(provider, batch, ref, cand))
+    if cfg.cuda and "CUDAExecutionProvider" not in providers:
+        notes.append("CUDAExecutionProvider not installed: CPU only")
+    return LatencyResult(threads=cfg.threads, repeats=cfg.repeats, warmup=cfg.warmup, rows=rows,
+                         providers=[r for r in providers if any(row.provider == r for row in rows)],
+                         onnxruntime=ort.__version__, notes=notes)
+
+
+def _row(provider: str, batch: int, ref: list[float], cand: list[float]) -> LatencyRow:
+    ref_ms, cand_ms = [s * 1e3 for s in ref], [s * 1e3 for s in cand]
+    ref_med, cand_med = statistics.median(ref_ms), statistics.median(cand_ms)
+    return LatencyRow(provider, batch, ref_med, cand_med, cand_med / ref_med, ref_ms, cand_ms)
+
+
+def export_reference(model: nn.Module, example_input: torch.Tensor, path: Path,
+                     cfg: ExportConfig) -> Path:
+    """Export the dense model (before pruning) with the same export settings as the final
+    model, so the latency ratio compares like with like. Call it before structured pruning
+    changes the model in place."""
+    export_onnx(model, example_input, Path(path), cfg, metadata={"optg.role": "latency-reference"})
+    return Path(path)
+
+
+def render_latency_markdown(latency: dict[str, Any]) -> str:
+    """The report.md section for `metrics.latency` (`LatencyResult.to_dict()`)."""
+    lines = ["## Latency (ONNX Runtime, measured)", "",
+             (f"{latency['threads']} intra-op thread(s), median of {latency['repeats']} interleaved "
+             f"calls after {latency['warmup']} warm-up, onnxruntime {latency['onnxruntime']}."), "",
+             "| provider | batch | reference ms | candidate ms | ratio |", "|---|---|---|---|---|"]
+    for r in latency["rows"]:
+        lines.append(f"| {r['provider']} | {r['batch_size']} | {r['reference_ms']:.3f} "
+                     f"| {r['candidate_ms']:.3f} | {r['ratio']:.3f} |")
+    lines += [f"- {note}" for note in latency.get("notes", [])]
+    return "\n".join(lines) + "\n"
