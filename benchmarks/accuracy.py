@@ -34,7 +34,7 @@ from optg.schedules import SigmoidSchedule
 from stages.data import DataBundle, DataConfig, load_data
 from stages.io import atomic_write_text
 from stages.model import ModelConfig, build_model
-from stages.sparsify import ScheduleConfig, SparsityConfig, build_sparsifier, calibrate_if_needed
+from stages.sparsify import SparsityConfig, build_sparsifier, calibrate_if_needed
 from stages.train import OptimizerConfig, TrainConfig, Trainer, evaluate
 
 DATASETS: dict[str, str] = {"mnist1d": "cnn1d", "digits": "small_cnn"}  # dataset -> model
@@ -68,16 +68,19 @@ class Protocol:
                            optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
 
     def sparsity_config(self, method: str, pattern: str) -> SparsityConfig:
+        """The method's sparse phase; OptG's knobs (schedule, score lr factor and freeze) are
+        spec fields, so the sparsifier is used exactly as the pipeline uses it."""
         unstructured = not _is_nm(pattern)
         optg_knobs = method == "optg"
-        schedule = ScheduleConfig(beta=self.beta, center=self.center,
-                                  final_epochs=self.final_epochs) if optg_knobs else ScheduleConfig()
+        schedule = {k: v for k, v in (("beta", self.beta), ("center", self.center),
+                                      ("final_epochs", self.final_epochs)) if v is not None}
+        knobs = {"update_every_steps": self.update_every_steps, "score_lr_factor": self.score_lr_scale,
+                 "freeze_scores_last": self.freeze_scores_last} if optg_knobs else {}
         return SparsityConfig(
             **self.train_config().model_dump(), method=method,
             pattern="unstructured" if unstructured else pattern,
-            target=float(pattern) if unstructured else None, schedule=schedule,
-            update_every_steps=self.update_every_steps if optg_knobs else None,
-            exclude=list(self.exclude))
+            target=float(pattern) if unstructured else None,
+            schedule=schedule if optg_knobs else {}, exclude=list(self.exclude), **knobs)
 
     def key_fields(self, method: str) -> dict[str, Any]:
         """Settings that affect `method`: OptG knobs only enter OptG's keys, with the schedule's
@@ -189,8 +192,6 @@ class Suite:
             sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed)
             calibrate_if_needed(sp, bundle.loader("train", self.proto.batch_size, shuffle=True, seed=seed),
                                 cfg, CPU)
-            if method == "optg" and (self.proto.score_lr_scale != 1.0 or self.proto.freeze_scores_last):
-                _scale_score_lr(sp, self.proto.score_lr_scale, epochs - self.proto.freeze_scores_last)
             history = self._trainer(model, bundle, cfg, "sparse", seed, sp).run()
             sp.bake()
             sparsity = sp.sparsity()
@@ -206,20 +207,6 @@ class Suite:
         self.log(f"{dataset} {method} {pattern} seed {seed}: test {record['test_accuracy']:.4f} "
                  f"sparsity {sparsity:.4f} ({record['seconds']:.1f} s)")
         return record
-
-
-def _scale_score_lr(sp, scale: float, freeze_from: int) -> None:
-    """Experiment knobs: OptG scores learn at `scale * lr * p(e)/p_target` instead of the library's
-    rule, and not at all from epoch `freeze_from` on (frozen scores give the same mask at every
-    later start_epoch, so the mask is held like GMP's). The Sparsifier has no public setting for
-    either, so its `step` is wrapped."""
-    step = sp.step
-
-    def scaled(lr: float | None = None) -> None:
-        factor = 0.0 if sp.epoch >= freeze_from else scale
-        step(lr=None if lr is None else lr * factor)
-
-    sp.step = scaled
 
 
 def cells(datasets: list[str], methods: list[str], sparsities: list[str], patterns: list[str],

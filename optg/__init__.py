@@ -10,20 +10,82 @@
 
 Plain PyTorch: no YAML, no file I/O.
 """
-from optg.criteria import CRITERIA
-from optg.methods import METHODS, create
+from optg.build import create
+from optg.criteria import (
+                            CRITERIA,
+                            Criterion,
+                            LearnedScores,
+                            Magnitude,
+                            RandomScores,
+                            Snip,
+)
+from optg.forward import (
+                            FORWARD_RULES,
+                            SRSTE,
+                            ForwardRule,
+                            LayerState,
+                            MaskForward,
+                            ScoreSTE,
+)
+from optg.methods import METHODS, Method
+from optg.modes import training_mode
 from optg.nm import format_nm, parse_nm
 from optg.pattern import Pattern
 from optg.patterns import MASK_RULES
 from optg.registry import Registry, UnknownNameError
-from optg.schedules import SCHEDULES, ConstantSchedule, CubicSchedule, SigmoidSchedule
-from optg.sparsifier import LayerReport, LifecycleError, Sparsifier
+from optg.schedules import (
+                            SCHEDULES,
+                            ConstantSchedule,
+                            CubicSchedule,
+                            Schedule,
+                            SigmoidSchedule,
+                            schedule_settings,
+)
+from optg.sparsifier import LayerReport, LifecycleError, Sparsifier, weighted_sparsity
+from optg.spec import Problem, Resolved, ScheduleSpec, SparsitySpec, spec_problems
 from optg.targets import LayerPlan, TargetSpec, plan_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CRITERIA", "METHODS", "MASK_RULES", "SCHEDULES", "ConstantSchedule", "CubicSchedule",
-    "LayerPlan", "LayerReport", "LifecycleError", "Pattern", "Registry", "SigmoidSchedule", "Sparsifier",
-    "TargetSpec", "UnknownNameError", "create", "format_nm", "parse_nm", "plan_layers",
+                            "CRITERIA",
+                            "FORWARD_RULES",
+                            "MASK_RULES",
+                            "METHODS",
+                            "SCHEDULES",
+                            "SRSTE",
+                            "ConstantSchedule",
+                            "Criterion",
+                            "CubicSchedule",
+                            "ForwardRule",
+                            "LayerPlan",
+                            "LayerReport",
+                            "LayerState",
+                            "LearnedScores",
+                            "LifecycleError",
+                            "Magnitude",
+                            "MaskForward",
+                            "Method",
+                            "Pattern",
+                            "Problem",
+                            "RandomScores",
+                            "Registry",
+                            "Resolved",
+                            "Schedule",
+                            "ScheduleSpec",
+                            "ScoreSTE",
+                            "SigmoidSchedule",
+                            "Snip",
+                            "Sparsifier",
+                            "SparsitySpec",
+                            "TargetSpec",
+                            "UnknownNameError",
+                            "create",
+                            "format_nm",
+                            "parse_nm",
+                            "plan_layers",
+                            "schedule_settings",
+                            "spec_problems",
+                            "training_mode",
+                            "weighted_sparsity",
 ]

@@ -7,22 +7,32 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from optg.distributed import all_reduce_sum
+from optg.modes import training_mode
 from optg.registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@runtime_checkable
 class Criterion(Protocol):
+    """Where scores come from. A registered criterion class is built with no arguments; pass
+    a configured instance to `optg.create(criterion=...)` for other settings.
+
+    `setup` gets the target weights at attach and the run's seed (criteria that draw random
+    numbers use it; the others ignore it). A criterion with `needs_calibration` also has
+    `calibrate(model, weights, batches, loss_fn) -> int`."""
+
     learned: bool            # scores are trained (need a score optimiser and `step(lr)`)
     needs_calibration: bool  # scores need data before the first mask (`calibrate`)
 
-    def setup(self, weights: dict[str, torch.Tensor]) -> None: ...
+    def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None: ...
 
     def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor: ...
 
@@ -41,7 +51,7 @@ class LearnedScores:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def setup(self, weights: dict[str, torch.Tensor]) -> None:
+    def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None:
         self.tensors = {name: torch.zeros_like(w, requires_grad=True) for name, w in weights.items()}
 
     def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -53,7 +63,7 @@ class Magnitude:
     learned = False
     needs_calibration = False
 
-    def setup(self, weights: dict[str, torch.Tensor]) -> None:
+    def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None:
         pass
 
     def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -63,17 +73,18 @@ class Magnitude:
 @CRITERIA.register("random")
 class RandomScores:
     """Uniform scores from a CPU generator seeded once, layers in model order: identical on
-    every rank and every run with the same seed."""
+    every rank and every run with the same seed. `seed`: a fixed seed of its own; None (the
+    default) uses the run's seed given to `setup`."""
 
     learned = False
     needs_calibration = False
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def setup(self, weights: dict[str, torch.Tensor]) -> None:
-        generator = torch.Generator().manual_seed(self.seed)
+    def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed if self.seed is None else self.seed)
         self.tensors = {name: torch.rand(w.shape, generator=generator).to(w.device)
                         for name, w in weights.items()}
 
@@ -83,7 +94,9 @@ class RandomScores:
 
 @CRITERIA.register("snip")
 class Snip:
-    """SNIP (Lee et al. 2019): connection sensitivity |w * dL/dw| on a few batches, dense."""
+    """SNIP (Lee et al. 2019): connection sensitivity |w * dL/dw| on a few batches, dense.
+    The model is scored in training mode (BatchNorm on batch statistics, as training will run
+    it); every module's own mode is restored afterwards."""
 
     learned = False
     needs_calibration = True
@@ -91,7 +104,7 @@ class Snip:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def setup(self, weights: dict[str, torch.Tensor]) -> None:
+    def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None:
         self.tensors = {}
 
     def calibrate(self, model: nn.Module, weights: dict[str, torch.Tensor],
@@ -99,11 +112,12 @@ class Snip:
         names = list(weights)
         grads = [torch.zeros_like(w) for w in weights.values()]
         count = 0
-        for x, y in batches:
-            loss = loss_fn(model(x), y)
-            for acc, g in zip(grads, torch.autograd.grad(loss, list(weights.values()))):
-                acc.add_(g)
-            count += 1
+        with training_mode(model, True):
+            for x, y in batches:
+                loss = loss_fn(model(x), y)
+                for acc, g in zip(grads, torch.autograd.grad(loss, list(weights.values()))):
+                    acc.add_(g)
+                count += 1
         if count == 0:
             raise ValueError("SNIP calibration got no batches")
         all_reduce_sum(grads)  # same saliency on every rank

@@ -62,7 +62,17 @@ def functional_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor)
     """The module's own op with a substituted weight."""
     if isinstance(module, nn.Linear):
         return F.linear(x, weight, module.bias)
-    return module._conv_forward(x, weight, module.bias)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module._conv_forward(x, weight, module.bias)
+    raise TypeError(f"cannot run a {type(module).__name__} with a substituted weight")
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The `weight` of a supported module, typed (raises TypeError for other modules)."""
+    check_supported(module)
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def check_supported(module: nn.Module) -> None:
@@ -77,7 +87,7 @@ class MaskedForward:
     Holds references, not closures, so `copy.deepcopy(model)` yields a working copy.
     """
 
-    def __init__(self, module: nn.Module, layer: "HasEffectiveWeight") -> None:
+    def __init__(self, module: nn.Module, layer: HasEffectiveWeight) -> None:
         check_supported(module)
         self.module = module
         self.layer = layer

@@ -7,7 +7,7 @@ deterministic and identical on every rank given identical scores.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ def keep_threshold(flat: torch.Tensor, n_keep: int) -> float:
 
 def n_pruned(total: int, sparsity: float) -> int:
     """How many of `total` are removed at `sparsity`; round half up, stable across ranks."""
-    return min(total, int(math.floor(sparsity * total + 0.5)))
+    return min(total, math.floor(sparsity * total + 0.5))
 
 
 @MASK_RULES.register("global")

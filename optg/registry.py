@@ -1,7 +1,8 @@
 """Name -> factory registries: explicit names only, and an unknown name lists the valid ones."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -31,6 +32,12 @@ class Registry(Generic[T]):
         if name in self._items:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = item
+
+    def remove(self, name: str) -> T:
+        """Unregister `name` (e.g. a plug-in a test added) and return what it held."""
+        item = self.get(name)
+        del self._items[name]
+        return item
 
     def get(self, name: str) -> T:
         try:

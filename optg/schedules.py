@@ -7,15 +7,26 @@ candidates that are pruned). Every schedule reaches exactly 1.0 before training 
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 from optg.registry import Registry
 
 
+@runtime_checkable
 class Schedule(Protocol):
-    """A sparsity schedule. `one_shot` schedules fix the mask once and hold it."""
+    """A sparsity schedule. `one_shot` schedules fix the mask once and hold it.
+
+    A registered schedule class is built as `cls(epochs=E, **settings)`: `epochs` is the
+    sparse-training length, the settings are its other constructor fields (the keys YAML's
+    `sparsity.schedule` accepts, read by `schedule_settings`). Declare them as a pydantic
+    dataclass or model so that their types and bounds are checked where they enter.
+    """
 
     one_shot: bool
 
@@ -25,10 +36,23 @@ class Schedule(Protocol):
 
 
 SCHEDULES: Registry[type] = Registry("schedule")
+_STRICT = ConfigDict(extra="forbid")
+
+
+def schedule_settings(cls: type) -> list[str]:
+    """The settings a schedule class takes: its constructor fields other than `epochs`."""
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        names = list(cls.model_fields)
+    elif dataclasses.is_dataclass(cls):
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+    else:
+        names = [p.name for p in inspect.signature(cls).parameters.values()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [n for n in names if n != "epochs"]
 
 
 @SCHEDULES.register("sigmoid")
-@dataclass
+@dataclass(config=_STRICT)
 class SigmoidSchedule:
     """OptG's schedule: `p(e) = p_target * sigmoid(beta * (e - center))`, clamped to the target
     for the last `final_epochs` epochs so a run always ends exactly at the target.
@@ -41,49 +65,46 @@ class SigmoidSchedule:
     pass `beta = 1` and `center = E / 2` explicitly.
     """
 
-    epochs: int
-    beta: float | None = None
+    one_shot: ClassVar[bool] = False
+    epochs: int = Field(ge=1)
+    beta: float | None = Field(default=None, gt=0)
     center: float | None = None
-    final_epochs: int | None = None
-    one_shot: bool = False
+    final_epochs: int | None = Field(default=None, ge=1)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"sigmoid schedule needs epochs >= 1, got {self.epochs}")
         if self.beta is None:
             self.beta = 20.0 / self.epochs
         if self.center is None:
             self.center = 0.4 * self.epochs
         if self.final_epochs is None:
             self.final_epochs = max(1, math.ceil(0.25 * self.epochs))
-        if self.beta <= 0:
-            raise ValueError(f"sigmoid schedule needs beta > 0, got {self.beta}")
         if not 1 <= self.final_epochs <= self.epochs:
             raise ValueError(
                 f"final_epochs must be in [1, epochs={self.epochs}], got {self.final_epochs}"
             )
 
     def fraction(self, progress: float) -> float:
+        assert self.beta is not None and self.center is not None and self.final_epochs is not None
         if progress >= self.epochs - self.final_epochs:
             return 1.0
         return 1.0 / (1.0 + math.exp(-self.beta * (progress - self.center)))
 
-    def describe(self) -> dict[str, float]:
+    def describe(self) -> dict[str, Any]:
         return {"beta": self.beta, "center": self.center, "final_epochs": self.final_epochs}
 
 
 @SCHEDULES.register("cubic")
-@dataclass
+@dataclass(config=_STRICT)
 class CubicSchedule:
     """GMP (Zhu & Gupta 2017): `p(t) = p_f * (1 - (1 - (t - start) / (end - start))^3)`
     between `start` and `end` (epochs, floats allowed), 0 before, the target after.
     Defaults: start at 0, end at 75% of training, so the last quarter fine-tunes the mask.
     """
 
-    epochs: int
-    start: float = 0.0
-    end: float | None = None
-    one_shot: bool = False
+    one_shot: ClassVar[bool] = False
+    epochs: int = Field(ge=1)
+    start: float = Field(default=0.0, ge=0)
+    end: float | None = Field(default=None, gt=0)
 
     def __post_init__(self) -> None:
         if self.end is None:
@@ -95,6 +116,7 @@ class CubicSchedule:
             )
 
     def fraction(self, progress: float) -> float:
+        assert self.end is not None
         if progress <= self.start:
             return 0.0
         if progress >= self.end:
@@ -102,20 +124,20 @@ class CubicSchedule:
         remaining = 1.0 - (progress - self.start) / (self.end - self.start)
         return 1.0 - remaining**3
 
-    def describe(self) -> dict[str, float]:
+    def describe(self) -> dict[str, Any]:
         return {"start": self.start, "end": self.end}
 
 
 @SCHEDULES.register("constant")
-@dataclass
+@dataclass(config=_STRICT)
 class ConstantSchedule:
     """The full target from the first step, mask fixed once (SNIP, random, one-shot/ASP)."""
 
-    epochs: int = 0
-    one_shot: bool = True
+    one_shot: ClassVar[bool] = True
+    epochs: int = Field(default=0, ge=0)
 
     def fraction(self, progress: float) -> float:
         return 1.0
 
-    def describe(self) -> dict[str, float]:
+    def describe(self) -> dict[str, Any]:
         return {}

@@ -1,14 +1,17 @@
 """The sparsifier lifecycle: attach -> (calibrate) -> start_epoch/step ... -> bake.
 
 The model stays a normal nn.Module throughout: its parameters and state_dict keys never
-change; target modules get a forward override (see masking.py) that uses `w * m`.
+change; target modules get a forward override (optg/masking.py) whose weight the method's
+forward rule makes (optg/forward.py: `w * m`, OptG's straight-through `w * m`, or SR-STE).
 `bake()` writes `w * m` into the weights and removes every trace. Calls out of order raise
-LifecycleError.
+LifecycleError. Nothing here depends on which method runs: the plug-ins say what they need
+(learned scores, calibration, one-shot, masks made by the forward rule itself).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +19,8 @@ from torch import nn
 from optg import masking
 from optg.criteria import Criterion, LossFn
 from optg.distributed import all_reduce_mean
+from optg.forward import ForwardRule, LayerState
+from optg.pattern import Pattern
 from optg.patterns import MASK_RULES
 from optg.schedules import Schedule
 from optg.targets import LayerPlan
@@ -29,68 +34,67 @@ class LifecycleError(RuntimeError):
 
 @dataclass
 class LayerReport:
+    """One layer after planning or training: `pattern` is the layer's own (N:M, unstructured
+    with its planned target, or dense), `sparsity` the fraction of zeros it holds now."""
+
     name: str
     type: str
     shape: tuple[int, ...]
     numel: int
     targeted: bool
-    pattern: str
+    pattern: Pattern
     sparsity: float
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "shape": list(self.shape)}
+        """JSON-ready: the pattern as its text ('2:4', 'unstructured', 'dense')."""
+        return {**self.__dict__, "shape": list(self.shape), "pattern": str(self.pattern)}
 
 
-class _Layer:
-    """Runtime state of one target layer: its mask and how the forward weight is made."""
-
-    def __init__(self, plan: LayerPlan, module: nn.Module, mode: str,
-                 scores: torch.Tensor | None, srste_decay: float) -> None:
-        self.plan, self.module, self.mode = plan, module, mode
-        self.scores = scores
-        self.srste_decay = srste_decay
-        self.mask = torch.ones_like(module.weight, requires_grad=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-    def effective_weight(self) -> torch.Tensor:
-        w = self.module.weight
-        if self.mode == "srste":
-            return masking.srste_masked(w, self.plan.n, self.plan.m, self.srste_decay)
-        if self.mask.device != w.device:  # the model was moved after attach
-            self.mask = self.mask.to(w.device)
-        if self.mode == "optg":
-            return masking.optg_masked(w, self.scores, self.mask)
-        return w * self.mask
+def weighted_sparsity(rows: Sequence[LayerReport]) -> float:
+    """Fraction of zeros over all weights of `rows` (each layer weighted by its size); 0.0 for
+    no rows. Pass the targeted rows for the targeted sparsity, all rows for the model's."""
+    total = sum(r.numel for r in rows)
+    return sum(r.sparsity * r.numel for r in rows) / total if total else 0.0
 
 
 class Sparsifier:
-    """Trains a model sparse. Build one with `optg.create(method, model, ...)`."""
+    """Trains a model sparse. Build one with `optg.create(method, model, ...)`.
+
+    criterion: where mask scores come from; schedule: how much of the target applies when;
+    forward: how the masked weight enters the forward pass (see optg.forward). Learned scores
+    (a criterion with `learned`) get their own SGD with `score_momentum`, stepped at
+    `lr * score_lr_factor * fraction`, and not at all from epoch `score_freeze_epoch` on.
+    """
 
     def __init__(self, model: nn.Module, plans: list[LayerPlan], criterion: Criterion,
-                 schedule: Schedule, *, method: str = "custom",
+                 schedule: Schedule, forward: ForwardRule, *, method: str = "custom",
                  update_every_steps: int | None = None, steps_per_epoch: int | None = None,
-                 srste_decay: float | None = None, score_momentum: float = 0.9) -> None:
+                 seed: int = 0, score_momentum: float = 0.9, score_lr_factor: float = 1.0,
+                 score_freeze_epoch: int | None = None) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         if update_every_steps is not None and (update_every_steps < 1 or not steps_per_epoch):
             raise ValueError("update_every_steps needs a value >= 1 and steps_per_epoch")
+        if forward.nm_only and any(p.kind not in ("nm", "dense") for p in plans):
+            raise ValueError(f"forward rule {type(forward).__name__} trains N:M patterns only; "
+                             "some targets are unstructured")
+        if forward.trains_scores != criterion.learned:
+            raise ValueError(f"forward rule {type(forward).__name__} and criterion "
+                             f"{type(criterion).__name__} do not pair: learned scores need a "
+                             "forward rule that trains them, and only they")
         self.model, self.plans, self.criterion, self.schedule = model, plans, criterion, schedule
-        self.method = method
+        self.forward = forward
+        self.method, self.seed = method, seed
         self.update_every_steps, self.steps_per_epoch = update_every_steps, steps_per_epoch
-        self.srste_decay = srste_decay
-        self.score_momentum = score_momentum
+        self.score_momentum, self.score_lr_factor = score_momentum, score_lr_factor
+        self.score_freeze_epoch = score_freeze_epoch
         self.state = "created"
-        self.layers: list[_Layer] = []
+        self.layers: list[LayerState] = []
         self.score_optimizer: torch.optim.Optimizer | None = None
         self.epoch, self.step_in_epoch, self.global_step = -1, 0, 0
         self.fraction = 0.0
         self.calibrated = not criterion.needs_calibration
-        if srste_decay is not None and any(p.kind not in ("nm", "dense") for p in plans):
-            raise ValueError("SR-STE trains N:M patterns only; some targets are unstructured")
 
     # ---------------------------------------------------------------- lifecycle checks
     def _require(self, *states: str, action: str) -> None:
@@ -102,24 +106,23 @@ class Sparsifier:
                                  f"({hint[self.state]})")
 
     # ---------------------------------------------------------------- attach
-    def attach(self) -> "Sparsifier":
+    def attach(self) -> Sparsifier:
         """Install masked forwards on the target layers. Move the model to its device first."""
         self._require("created", action="attach")
         modules = dict(self.model.named_modules())
         targets = [p for p in self.plans if p.kind != "dense"]
         weights = {p.name: modules[p.name].weight for p in targets}
-        self.criterion.setup(weights)
-        mode = "srste" if self.srste_decay is not None else ("optg" if self.criterion.learned else "mask")
+        self.criterion.setup(weights, seed=self.seed)
         for plan in targets:
             scores = self.criterion.scores(plan.name, weights[plan.name]) if self.criterion.learned else None
-            layer = _Layer(plan, modules[plan.name], mode, scores, self.srste_decay or 0.0)
+            layer = LayerState(plan, modules[plan.name], self.forward, scores)
             masking.install(layer.module, layer)
             self.layers.append(layer)
         if self.criterion.learned:
-            self.score_optimizer = torch.optim.SGD([l.scores for l in self.layers], lr=0.0,
-                                                   momentum=self.score_momentum, weight_decay=0.0)
+            self.score_optimizer = torch.optim.SGD([l.scores for l in self.layers if l.scores is not None],
+                                                   lr=0.0, momentum=self.score_momentum, weight_decay=0.0)
         self.state = "attached"
-        if self.schedule.one_shot and self.calibrated and mode != "srste":
+        if self.schedule.one_shot and self.calibrated:
             self._update_masks(0.0)  # one-shot methods fix the mask now and hold it
         return self
 
@@ -131,7 +134,11 @@ class Sparsifier:
         if self.calibrated:
             raise LifecycleError("already calibrated: the mask is fixed")
         weights = {l.plan.name: l.weight for l in self.layers}
-        count = self.criterion.calibrate(self.model, weights, batches, loss_fn)
+        calibrate = getattr(self.criterion, "calibrate", None)
+        if calibrate is None:
+            raise LifecycleError(f"criterion {type(self.criterion).__name__} needs calibration "
+                                 "but has no calibrate(model, weights, batches, loss_fn)")
+        count: int = calibrate(self.model, weights, batches, loss_fn)
         self.calibrated = True
         self._update_masks(0.0)
         return count
@@ -144,12 +151,12 @@ class Sparsifier:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch, self.step_in_epoch = epoch, 0
-        if not self.schedule.one_shot and self.srste_decay is None:
+        if not self.schedule.one_shot:
             self._update_masks(float(epoch))
 
     def step(self, lr: float | None = None) -> None:
         """Call after every optimizer.step(). `lr`: the weights' current learning rate (OptG
-        scores learn at `lr * p(e) / p_target`)."""
+        scores learn at `lr * score_lr_factor * p(e) / p_target`)."""
         self._require("attached", action="step")
         self._require_calibrated()
         if self.epoch < 0:
@@ -157,17 +164,20 @@ class Sparsifier:
         if self.score_optimizer is not None:
             if lr is None:
                 raise ValueError(f"method {self.method!r} learns scores: pass step(lr=current weight lr)")
-            grads = [l.scores.grad for l in self.layers if l.scores.grad is not None]
+            grads = [l.scores.grad for l in self.layers if l.scores is not None and l.scores.grad is not None]
             all_reduce_mean(grads)  # every rank applies the same score update
+            frozen = self.score_freeze_epoch is not None and self.epoch >= self.score_freeze_epoch
+            factor = 0.0 if frozen else self.score_lr_factor
             for group in self.score_optimizer.param_groups:
-                group["lr"] = lr * self.fraction
+                group["lr"] = lr * factor * self.fraction
             self.score_optimizer.step()
             self.score_optimizer.zero_grad(set_to_none=True)
         self.step_in_epoch += 1
         self.global_step += 1
-        if (self.update_every_steps and self.global_step % self.update_every_steps == 0
+        if (self.update_every_steps and self.steps_per_epoch
+                and self.global_step % self.update_every_steps == 0
                 and self.step_in_epoch < self.steps_per_epoch  # else start_epoch does it next
-                and not self.schedule.one_shot and self.srste_decay is None):
+                and not self.schedule.one_shot):
             self._update_masks(self.epoch + self.step_in_epoch / self.steps_per_epoch)
 
     def _require_calibrated(self) -> None:
@@ -176,8 +186,12 @@ class Sparsifier:
 
     @torch.no_grad()
     def _update_masks(self, progress: float) -> None:
+        """Masks at `progress` (epochs): criterion scores ranked by each layer kind's mask rule.
+        Nothing to do for a forward rule that makes its masks itself (`scheduled` False)."""
+        if not self.forward.scheduled:
+            return
         self.fraction = self.schedule.fraction(progress)
-        by_kind: dict[str, list[_Layer]] = {}
+        by_kind: dict[str, list[LayerState]] = {}
         for layer in self.layers:
             by_kind.setdefault(layer.plan.kind, []).append(layer)
         for kind, layers in by_kind.items():
@@ -192,9 +206,7 @@ class Sparsifier:
         """Write `w * m` into every target weight and remove overrides, scores and masks."""
         self._require("attached", action="bake")
         for layer in self.layers:
-            if layer.mode == "srste":
-                layer.mask = masking.nm_magnitude_mask(layer.weight, layer.plan.n, layer.plan.m)
-            layer.weight.mul_(layer.mask.to(layer.weight.device))
+            layer.weight.mul_(layer.keep_mask().to(layer.weight.device))
             masking.uninstall(layer.module)
             layer.scores = None
         self.score_optimizer = None
@@ -205,10 +217,11 @@ class Sparsifier:
     def masks(self) -> dict[str, torch.Tensor]:
         """Current boolean keep-masks by layer name (SR-STE: from the current weights)."""
         self._require("attached", action="read masks")
-        return {l.plan.name: (masking.nm_magnitude_mask(l.weight, l.plan.n, l.plan.m)
-                              if l.mode == "srste" else l.mask).bool() for l in self.layers}
+        return {l.plan.name: l.keep_mask().bool() for l in self.layers}
 
     def state_dict(self) -> dict[str, Any]:
+        """Masks, scores, schedule position and score-optimiser state: tensors, numbers,
+        strings, lists and dicts only, so `torch.load(..., weights_only=True)` reads it."""
         self._require("attached", action="save state")
         return {
             "format": STATE_FORMAT, "method": self.method, "epoch": self.epoch,
@@ -263,6 +276,4 @@ class Sparsifier:
 
     def sparsity(self) -> float:
         """Fraction of zeros over all targeted weights."""
-        rows = [r for r in self.report() if r.targeted]
-        total = sum(r.numel for r in rows)
-        return sum(r.sparsity * r.numel for r in rows) / total if total else 0.0
+        return weighted_sparsity([r for r in self.report() if r.targeted])

@@ -9,31 +9,71 @@ from typing import Literal
 
 from torch import nn
 
-from optg.masking import SUPPORTED_TYPES
-from optg.nm import parse_nm
+from optg.masking import SUPPORTED_TYPES, weight_of
+from optg.pattern import Pattern, parse_nm
 
 TYPE_NAMES: dict[str, type[nn.Module]] = {t.__name__: t for t in SUPPORTED_TYPES}
 Allocation = Literal["global", "layerwise"]
+PlanKind = Literal["global", "layerwise", "nm", "dense"]
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one layer is treated. kind: 'global' (shares the global threshold), 'layerwise'
-    (own threshold at `target`), 'nm' (N:M along the reduction axis) or 'dense' (skipped,
-    `reason` says why)."""
+    """How one layer is treated: its `pattern` (unstructured with the layer's target, N:M, or
+    dense with `reason` saying why) and, for unstructured layers, whether it shares the global
+    threshold (`allocation='global'`) or has its own (`'layerwise'`)."""
 
     name: str
-    kind: Literal["global", "layerwise", "nm", "dense"]
-    target: float = 0.0
-    n: int = 0
-    m: int = 0
+    pattern: Pattern
+    allocation: Allocation = "global"
     reason: str = ""
 
     @property
-    def pattern(self) -> str:
-        if self.kind == "nm":
-            return f"{self.n}:{self.m}"
-        return "dense" if self.kind == "dense" else "unstructured"
+    def kind(self) -> PlanKind:
+        """The mask rule that serves this layer: 'global', 'layerwise', 'nm' or 'dense'."""
+        if self.pattern.kind == "unstructured":
+            return self.allocation
+        return self.pattern.kind
+
+    @property
+    def target(self) -> float:
+        return self.pattern.target
+
+    @property
+    def n(self) -> int:
+        return self.pattern.n
+
+    @property
+    def m(self) -> int:
+        return self.pattern.m
+
+
+def check_types(types: list[str] | tuple[str, ...]) -> list[str]:
+    """Problems with layer type names ([] if all are supported)."""
+    bad = [t for t in types if t not in TYPE_NAMES]
+    return [f"unknown layer types {bad}; valid: {', '.join(TYPE_NAMES)}"] if bad else []
+
+
+def check_regexes(patterns: list[str] | tuple[str, ...]) -> list[str]:
+    """Problems with module-name regexes ([] if all compile)."""
+    errors = []
+    for rx in patterns:
+        try:
+            re.compile(rx)
+        except re.error as exc:
+            errors.append(f"bad regex {rx!r}: {exc}")
+    return errors
+
+
+def check_overrides(overrides: dict[str, str | float]) -> list[str]:
+    """Problems with per-layer overrides: each key a regex, each value valid for `parse_override`."""
+    errors = check_regexes(list(overrides))
+    for rx, value in overrides.items():
+        try:
+            parse_override(value)
+        except (ValueError, TypeError) as exc:
+            errors.append(f"override {rx!r}: {exc}")
+    return errors
 
 
 @dataclass
@@ -48,31 +88,26 @@ class TargetSpec:
     overrides: dict[str, str | float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        errors = [f"unknown layer type {t!r}; valid: {', '.join(TYPE_NAMES)}"
-                  for t in self.types if t not in TYPE_NAMES]
-        for rx in [*self.include, *self.exclude, *self.overrides]:
-            try:
-                re.compile(rx)
-            except re.error as exc:
-                errors.append(f"bad regex {rx!r}: {exc}")
-        for rx, value in self.overrides.items():
-            try:
-                _parse_override(value)
-            except ValueError as exc:
-                errors.append(f"override {rx!r}: {exc}")
+        errors = [*check_types(self.types), *check_regexes([*self.include, *self.exclude]),
+                  *check_overrides(self.overrides)]
         if errors:
             raise ValueError("; ".join(errors))
 
 
-def _parse_override(value: str | float) -> tuple[str, float, int, int]:
+def parse_override(value: str | float | Pattern) -> Pattern:
+    """An override value as the layer's pattern: a number is an unstructured sparsity in
+    [0, 1) for that layer alone, 'dense' leaves it dense, 'N:M' gives it that pattern."""
+    if isinstance(value, Pattern):
+        return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not 0.0 <= float(value) < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {value}")
-        return "layerwise", float(value), 0, 0
+        return Pattern.unstructured(float(value))
     if value == "dense":
-        return "dense", 0.0, 0, 0
-    n, m = parse_nm(str(value))  # raises a clear ValueError otherwise
-    return "nm", 0.0, n, m
+        return Pattern.dense()
+    if not isinstance(value, str):
+        raise TypeError(f"must be 'dense', 'N:M' or a sparsity in [0, 1), got {value!r}")
+    return Pattern.nm(*parse_nm(value))  # raises a clear ValueError for anything else
 
 
 def nm_ineligibility(module: nn.Module, m: int) -> str:
@@ -80,7 +115,7 @@ def nm_ineligibility(module: nn.Module, m: int) -> str:
     groups = getattr(module, "groups", 1)
     if groups > 1:
         return f"grouped conv (groups={groups}) has no shared reduction axis for N:M"
-    channels = module.weight.shape[1]
+    channels = weight_of(module).shape[1]
     if channels < m:
         return f"input channels C={channels} < M={m} (stem)"
     if channels % m:
@@ -88,11 +123,12 @@ def nm_ineligibility(module: nn.Module, m: int) -> str:
     return ""
 
 
-def plan_layers(model: nn.Module, spec: TargetSpec, pattern: str,
-                target: float, allocation: Allocation = "global") -> list[LayerPlan]:
-    """One LayerPlan per module of a supported type (dense ones included, with a reason)."""
-    if pattern != "unstructured":
-        n, m = parse_nm(pattern)
+def plan_layers(model: nn.Module, spec: TargetSpec, pattern: Pattern,
+                allocation: Allocation = "global") -> list[LayerPlan]:
+    """One LayerPlan per module of a supported type (dense ones included, with a reason).
+    `pattern` is the model's pattern; overrides and N:M eligibility may change it per layer."""
+    if pattern.is_dense:
+        raise ValueError("the model's pattern must be unstructured or N:M, not dense")
     types = tuple(TYPE_NAMES[t] for t in spec.types)
     parents_with_functional_weights = {
         name for name, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)
@@ -102,43 +138,37 @@ def plan_layers(model: nn.Module, spec: TargetSpec, pattern: str,
     for name, module in model.named_modules():
         if not isinstance(module, SUPPORTED_TYPES):
             continue
-
-        def dense(reason: str) -> LayerPlan:
-            return LayerPlan(name, "dense", reason=reason)
-
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        if not isinstance(module, types):
-            plans.append(dense(f"type {type(module).__name__} not in targets"))
-            continue
-        if parent in parents_with_functional_weights:
-            plans.append(dense("used functionally by nn.MultiheadAttention; cannot be masked"))
-            continue
-        if id(module.weight) in seen_weights:
-            plans.append(dense(f"weight shared with {seen_weights[id(module.weight)]}"))
-            continue
-        seen_weights[id(module.weight)] = name
-        if spec.include and not any(re.search(rx, name) for rx in spec.include):
-            plans.append(dense("not matched by include"))
-            continue
         excluded_by = next((rx for rx in spec.exclude if re.search(rx, name)), None)
-        if excluded_by is not None:
-            plans.append(dense(f"excluded by {excluded_by!r}"))
-            continue
         override = next((v for rx, v in spec.overrides.items() if re.search(rx, name)), None)
-        if override is not None:
-            kind, layer_target, on, om = _parse_override(override)
-            if kind == "dense":
-                plans.append(dense("override: dense"))
-            elif kind == "layerwise":
-                plans.append(LayerPlan(name, "layerwise", target=layer_target))
-            else:
-                why = nm_ineligibility(module, om)
-                plans.append(dense(why) if why else
-                             LayerPlan(name, "nm", target=1 - on / om, n=on, m=om))
-            continue
-        if pattern == "unstructured":
-            plans.append(LayerPlan(name, allocation, target=target))
+        reason = ""
+        if not isinstance(module, types):
+            reason = f"type {type(module).__name__} not in targets"
+        elif parent in parents_with_functional_weights:
+            reason = "used functionally by nn.MultiheadAttention; cannot be masked"
+        elif id(module.weight) in seen_weights:
+            reason = f"weight shared with {seen_weights[id(module.weight)]}"
         else:
-            why = nm_ineligibility(module, m)
-            plans.append(dense(why) if why else LayerPlan(name, "nm", target=1 - n / m, n=n, m=m))
+            seen_weights[id(module.weight)] = name
+            if spec.include and not any(re.search(rx, name) for rx in spec.include):
+                reason = "not matched by include"
+            elif excluded_by is not None:
+                reason = f"excluded by {excluded_by!r}"
+            elif override is not None and parse_override(override).is_dense:
+                reason = "override: dense"
+        if reason:
+            plans.append(LayerPlan(name, Pattern.dense(), reason=reason))
+        elif override is not None:
+            plans.append(_fit(name, module, parse_override(override), "layerwise"))
+        else:
+            plans.append(_fit(name, module, pattern, allocation))
     return plans
+
+
+def _fit(name: str, module: nn.Module, pattern: Pattern, allocation: Allocation) -> LayerPlan:
+    """The plan for a selected layer: its pattern, or dense with the reason it cannot carry N:M."""
+    if pattern.is_nm:
+        why = nm_ineligibility(module, pattern.m)
+        if why:
+            return LayerPlan(name, Pattern.dense(), reason=why)
+    return LayerPlan(name, pattern, allocation)

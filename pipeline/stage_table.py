@@ -32,7 +32,7 @@ from stages import verify as verify_stage
 from stages.base import StageError
 from stages.data import DataBundle, load_data
 from stages.export import export_onnx
-from stages.io import atomic_torch_save
+from stages.io import atomic_torch_save, safe_torch_load
 from stages.model import build_model
 from stages.train import StepHook, TrainConfig, Trainer, evaluate
 
@@ -133,7 +133,7 @@ def _trainer(ctx: RunContext, phase: str, cfg: TrainConfig, sparsifier: optg.Spa
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
+    return safe_torch_load(path, map_location=device)
 
 
 def _run_phase(ctx: RunContext, trainer: Trainer, checkpoint: Path) -> None:
@@ -213,7 +213,7 @@ def _onnx_inputs(ctx: RunContext) -> torch.Tensor:
 
 def run_export(ctx: RunContext) -> None:
     s, manifest = ctx.cfg.sparsity, ctx.run.manifest
-    target = optg.Pattern.parse(s.pattern, s.target).target
+    target = s.as_pattern().target
     metadata = {"optg.config_hash": manifest.config_hash, "optg.method": s.method, "optg.pattern": str(s.pattern),
                 "optg.target": str(target),
                 "optg.targeted_sparsity": f"{manifest.metrics.targeted_sparsity or 0:.6f}",

@@ -47,12 +47,8 @@ def summarize(rows: list[optg.LayerReport], model: nn.Module) -> BakeResult:
     layers = [BakedLayer(name=r.name, type=r.type, shape=list(r.shape), numel=r.numel, targeted=r.targeted,
                          pattern=str(r.pattern), sparsity=r.sparsity, reason=r.reason,
                          parameter=weight_name(model, r.name)) for r in rows]
-    targeted = [r for r in layers if r.targeted]
-
-    def zeros(rs: list[BakedLayer]) -> float:
-        total = sum(r.numel for r in rs)
-        return sum(r.sparsity * r.numel for r in rs) / total if total else 0.0
-    return BakeResult(layers=layers, targeted_sparsity=zeros(targeted), model_sparsity=zeros(layers))
+    return BakeResult(layers=layers, targeted_sparsity=optg.weighted_sparsity([r for r in rows if r.targeted]),
+                      model_sparsity=optg.weighted_sparsity(rows))
 
 
 def weight_name(model: nn.Module, module_name: str) -> str:

@@ -11,9 +11,16 @@ from torch import nn
 
 
 class StrictModel(BaseModel):
-    """Config base: unknown keys are errors, values are validated on assignment too."""
+    """Config base: unknown keys are errors, values are validated on assignment too.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    Types are strict: `true` is not a number, the text "5" is not an int and 4e13 is not an
+    int (an int is still a valid float). Floats must be finite: `nan` or `.inf` would turn
+    a bound or a gate off (an infinite `verify.atol` accepts any output). A tuple field that
+    a YAML list fills opts out with `Field(strict=False)` and strict item types (`StrictFloat`).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True,
+                              allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

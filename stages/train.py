@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, Strict, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -22,6 +22,7 @@ from stages.base import ConfigFieldError, FieldProblem, StageError, StrictModel,
 from stages.data import DataBundle
 
 PHASE_SEEDS = {"dense": 1, "sparse": 2}  # offsets so each phase's random stream is its own
+Beta = Annotated[float, Strict(), Field(ge=0, lt=1)]
 
 
 class OptimizerConfig(StrictModel):
@@ -33,7 +34,8 @@ class OptimizerConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), strict=False,  # a YAML list fills it; items stay strict
+                                     description="AdamW's (beta1, beta2), each in [0, 1)")
 
 
 class TrainConfig(StrictModel):
@@ -126,6 +128,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """Only tensors, numbers, strings, None, lists and dicts (RNG states are ByteTensors), so
+        the checkpoint loads with `torch.load(weights_only=True)` and a tampered one is refused."""
         return {
             "phase": self.phase, "next_epoch": self.next_epoch,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -146,9 +150,9 @@ class Trainer:
             self.sparsifier.load_state_dict(state["sparsifier"])
         self.history = [EpochRecord(**r) for r in state["history"]]
         self.next_epoch = state["next_epoch"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # RNG states are CPU ByteTensors, whatever map_location did
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
 
     # ------------------------------------------------------------------ loop
     def run(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> list[EpochRecord]:

@@ -11,6 +11,8 @@ lazy imports inside functions included, and on `importlib.import_module("<litera
   public names: no module or imported name starting with `_`;
 - no cycle between modules of these packages. `import a.b.c` is an edge to the module `a.b.c`
   (not to the package `a.b`, whose `__init__` runs first but is not what the importer uses).
+  Imports under `if TYPE_CHECKING:` never run, so they take no part in cycles; they still obey
+  the layer rules.
 
 The checker is tested on a tiny synthetic tree too, so a silent checker cannot pass.
 """
@@ -38,6 +40,7 @@ class Import:
     target: str        # the imported module (resolved to a module of ours when it is one)
     names: tuple[str, ...]
     line: int
+    type_only: bool = False  # under `if TYPE_CHECKING:`
 
 
 def module_name(root: Path, file: Path) -> str:
@@ -64,10 +67,12 @@ def imports_of(name: str, file: Path, modules: dict[str, Path]) -> list[Import]:
     """Every import in `file`, at any depth (functions, branches, try blocks)."""
     tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
     is_package = file.name == "__init__.py"
+    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                 for stmt in block.body for n in ast.walk(stmt)}
     out: list[Import] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out += [Import(name, alias.name, (), node.lineno) for alias in node.names]
+            out += [Import(name, alias.name, (), node.lineno, id(node) in type_only) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolve against this module's package
@@ -77,11 +82,16 @@ def imports_of(name: str, file: Path, modules: dict[str, Path]) -> list[Import]:
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 target = sub if sub in modules else base  # `from pkg import module` names the module
-                out.append(Import(name, target, (alias.name,), node.lineno))
+                out.append(Import(name, target, (alias.name,), node.lineno, id(node) in type_only))
         elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
               and isinstance(node.args[0].value, str) and _is_import_call(node.func)):
             out.append(Import(name, node.args[0].value, (), node.lineno))
     return out
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _is_import_call(func: ast.expr) -> bool:
@@ -110,7 +120,7 @@ def violations(root: Path, allowed: dict[str, set[str]] = ALLOWED,
                 private = [p for p in imp.target.split(".") + list(imp.names) if p.startswith("_")]
                 if private:
                     problems.append(f"{where}: {layer} uses private {imp.target} {list(imp.names)}")
-            if imp.target in modules and imp.target != name:
+            if imp.target in modules and imp.target != name and not imp.type_only:
                 graph[name].add(imp.target)
     problems += [f"import cycle: {' -> '.join(c + [c[0]])}" for c in cycles(graph)]
     return list(dict.fromkeys(problems))  # one line per place, however many names it imports
@@ -194,6 +204,13 @@ def test_checker_passes_a_clean_tree(tmp_path):
     assert violations(write_tree(tmp_path, CLEAN)) == []
 
 
+def test_type_only_imports_make_no_cycle(tmp_path):
+    files = dict(CLEAN, **{"stages/b.py": "import typing\nif typing.TYPE_CHECKING:\n    from stages.a import A\n"})
+    assert violations(write_tree(tmp_path, files)) == []
+    files["stages/b.py"] = "from stages.a import A\n"
+    assert violations(write_tree(tmp_path, files)) == ["import cycle: stages.a -> stages.b -> stages.a"]
+
+
 @pytest.mark.parametrize("rel, text, expected", [
     ("optg/core.py", "def f():\n    from stages import a\n", "optg must not import stages"),
     ("stages/b.py", "def f():\n    if True:\n        import pipeline.run\n", "stages must not import pipeline.run"),
@@ -205,8 +222,10 @@ def test_checker_passes_a_clean_tree(tmp_path):
     ("benchmarks/bench.py", "from stages.a import _helper\n", "benchmarks uses private stages.a"),
     ("stages/b.py", "def g():\n    from stages.a import z\n", "import cycle: stages.a -> stages.b -> stages.a"),
     ("stages/sub/__init__.py", "from . import c\n", "import cycle: stages.sub -> stages.sub.c -> stages.sub"),
+    ("stages/b.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pipeline.run import T\n",
+     "stages must not import pipeline.run"),
 ], ids=["lazy-upward", "nested-upward", "import_module", "relative-upward", "try-upward", "private",
-        "lazy-cycle", "package-cycle"])
+        "lazy-cycle", "package-cycle", "type-only-upward"])
 def test_checker_catches_a_planted_violation(tmp_path, rel, text, expected):
     files = dict(CLEAN)
     files[rel] = text

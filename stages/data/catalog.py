@@ -8,7 +8,6 @@ downloaded or written to disk.
 from __future__ import annotations
 
 import functools
-import pickle
 import random
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
@@ -22,6 +21,7 @@ from optg.registry import Registry
 from stages.base import StageError, StrictModel
 from stages.data.bundle import DataBundle, DataConfig, bundle_from_arrays, split_arrays
 from stages.plugins import import_optional
+from stages.safe_pickle import restricted_load
 
 DatasetFactory = Callable[[DataConfig, int], DataBundle]
 
@@ -261,7 +261,7 @@ class AugmentedTensorDataset(Dataset):
 def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with file.open("rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            batch = restricted_load(fh, source=str(file))
         data = batch.get(b"data", batch.get("data"))
         labels = batch.get(b"labels", batch.get("labels"))
     except Exception as exc:

@@ -72,9 +72,10 @@ def test_report_names_dense_layers_and_reasons():
     model = small_cnn()
     sp = optg.create("optg", model, pattern="2:4", epochs=2).attach()
     rows = {r.name: r for r in sp.report()}
-    assert rows["0"].pattern == "dense" and "C=3" in rows["0"].reason
-    assert rows["3"].pattern == "dense" and "grouped conv" in rows["3"].reason
-    assert rows["5"].pattern == "2:4" and rows["5"].targeted
+    assert rows["0"].pattern == optg.Pattern.dense() and "C=3" in rows["0"].reason
+    assert rows["3"].pattern == optg.Pattern.dense() and "grouped conv" in rows["3"].reason
+    assert rows["5"].pattern == optg.Pattern.nm(2, 4) and rows["5"].targeted
+    assert rows["5"].to_dict()["pattern"] == "2:4" and rows["0"].to_dict()["pattern"] == "dense"
     train(model, sp, 2)
     rows = {r.name: r for r in sp.report()}
     assert rows["5"].sparsity == 0.5 and rows["9"].sparsity == 0.5
@@ -185,12 +186,12 @@ def test_unknown_names_list_valid_ones_and_errors_are_collected():
     with pytest.raises(ValueError) as err:
         optg.create("optq", small_cnn(), pattern="5:4", schedule="linear", epochs=0)
     text = str(err.value)
-    assert "unknown sparsity method 'optq'" in text and "gmp, oneshot, optg, random, snip, srste" in text
+    assert "method: unknown method 'optq'" in text and "gmp, oneshot, optg, random, snip, srste" in text
     assert "1 <= N < M" in text
     assert "unknown schedule 'linear'; valid: constant, cubic, sigmoid" in text
     with pytest.raises(ValueError, match="N:M patterns only"):
         optg.create("srste", small_cnn(), target=0.5)
-    with pytest.raises(ValueError, match=re.escape("target in (0, 1)")):
+    with pytest.raises(ValueError, match=re.escape("target: Input should be less than 1")):
         optg.create("gmp", small_cnn(), target=1.0, epochs=2)
 
 

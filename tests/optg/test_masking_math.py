@@ -5,10 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import optg
-from optg import masking
+from optg import LayerPlan, Pattern, masking
 from optg.nm import from_groups, to_groups
 from optg.patterns import global_masks, keep_threshold, nm_masks
-from optg.targets import LayerPlan
 
 
 def test_ste_gradients_are_g_times_w_for_scores_and_g_times_m_for_weights():
@@ -58,7 +57,7 @@ def test_score_lr_follows_schedule_fraction():
 def test_global_threshold_hits_target_count_exactly():
     torch.manual_seed(0)
     scores = [torch.randn(10, 7), torch.randn(3, 5, 2), torch.randn(13)]
-    plans = [LayerPlan(f"l{i}", "global", target=0.37) for i in range(3)]
+    plans = [LayerPlan(f"l{i}", Pattern.unstructured(0.37)) for i in range(3)]
     masks = global_masks(plans, scores, fraction=1.0)
     total = sum(s.numel() for s in scores)
     kept = sum(int(m.sum()) for m in masks)
@@ -91,7 +90,7 @@ def test_nm_masks_are_exact_along_input_channels(make, n, m):
     layer = make()
     if layer.weight.shape[1] % m:
         pytest.skip("C not divisible by M")
-    mask = nm_masks([LayerPlan("x", "nm", n=n, m=m)], [torch.randn_like(layer.weight)], 1.0)[0]
+    mask = nm_masks([LayerPlan("x", Pattern.nm(n, m))], [torch.randn_like(layer.weight)], 1.0)[0]
     # groups of M consecutive input channels at each (out channel, kernel position)
     along_c = mask.movedim(1, -1).reshape(-1, m)
     assert torch.all(along_c.sum(1) == n)
@@ -103,7 +102,7 @@ def test_nm_check_catches_grouping_in_memory_order():
     w[0, :, 0, :] = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 4)  # each channel row identical
     w[0, 0, 0, :] += 10  # channel 0 and 1 are the strongest at every kernel position
     w[0, 1, 0, :] += 10
-    mask = nm_masks([LayerPlan("x", "nm", n=2, m=4)], [w], 1.0)[0]
+    mask = nm_masks([LayerPlan("x", Pattern.nm(2, 4))], [w], 1.0)[0]
     along_c = mask.movedim(1, -1).reshape(-1, 4)
     in_memory_order = mask.reshape(-1, 4)
     assert torch.all(along_c.sum(1) == 2)
@@ -120,7 +119,7 @@ def test_to_groups_round_trip_and_layout():
 
 def test_nm_ramp_prunes_weakest_candidates_globally():
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]])
-    plan = LayerPlan("x", "nm", n=2, m=4)
+    plan = LayerPlan("x", Pattern.nm(2, 4))
     half = nm_masks([plan], [scores], 0.5)[0]
     # candidates: {1, 2} and {10, 20}; half of 4 candidates = the two lowest, 1 and 2
     assert half.tolist() == [[False, False, True, True, True, True, True, True]]

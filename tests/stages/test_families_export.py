@@ -36,7 +36,7 @@ def test_family_exports_and_verifies(tmp_path, name, shape, options, pattern):
     sparsifier.start_epoch(1)
     rows = bake(sparsifier).layers
     if pattern == "2:4":
-        assert any(r.pattern == "2:4" for r in rows)
+        assert any(r.pattern == "2:4" for r in rows)  # BakedLayer: the pattern's text
     else:
         total = sum(r.numel for r in rows if r.targeted)
         assert sum(r.sparsity * r.numel for r in rows if r.targeted) / total == pytest.approx(0.9, abs=1e-3)

@@ -1,0 +1,351 @@
+"""`SparsitySpec`: every setting of one sparsification, validated in one place.
+
+The spec is what `optg.create` builds a Sparsifier from, and what a pipeline's config holds
+(its fields are the YAML keys of `sparsity:`). Field checks (a known method, pattern text,
+regexes...) and the checks across fields and plug-ins (target vs pattern, the schedule's own
+settings, criterion vs forward rule...) all live here and are reported together, each with
+its location (`schedule.beta`, `target`): a pydantic ValidationError, which is a ValueError.
+
+Plug-ins are named by their registry (`criterion: snip`, `schedule: {name: cubic, end: 40}`)
+or passed as configured instances (`schedule=SigmoidSchedule(30, beta=1.0)`); a schedule's
+settings are checked against the registered schedule class itself (`schedule_settings`), so
+a newly registered schedule is usable with its own settings at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from optg.criteria import CRITERIA, Criterion
+from optg.forward import FORWARD_RULES, ForwardRule
+from optg.methods import METHODS, Method
+from optg.pattern import Pattern, parse_nm
+from optg.registry import Registry, UnknownNameError
+from optg.schedules import SCHEDULES, Schedule, schedule_settings
+from optg.targets import (
+    TYPE_NAMES,
+    Allocation,
+    TargetSpec,
+    check_overrides,
+    check_regexes,
+    check_types,
+)
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec: where (`loc`, a field path), what, and the value at fault."""
+
+    loc: Loc
+    message: str
+    value: Any = None
+
+
+class ScheduleSpec(BaseModel):
+    """A schedule by registered name (None: the method's), its settings as further keys:
+    `{name: sigmoid, beta: 1.0, center: 50}`. Settings are checked against the schedule."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str | None) -> str | None:
+        if value is not None:
+            _lookup(SCHEDULES, value)
+        return value
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SparsitySpec(BaseModel):
+    """Method, pattern and target, plug-ins and their settings, layer selection."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+
+    method: str = Field(description="registered method: optg, gmp, snip, random, oneshot, srste, ...")
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' such as '2:4'")
+    target: float | None = Field(None, gt=0, lt=1, description="fraction of zeros; unstructured only")
+    allocation: Allocation = "global"
+    epochs: int | None = Field(None, ge=1, description="sparse-training length (sigmoid and cubic need it)")
+    schedule: ScheduleSpec | Schedule = Field(default_factory=ScheduleSpec,
+                                              description="None = the method's; or a Schedule instance")
+    criterion: str | Criterion | None = Field(None, description="None = the method's; or an instance")
+    forward: str | ForwardRule | None = Field(None, description="None = the method's; or an instance")
+    update_every_steps: int | None = Field(None, ge=1, description="also recompute masks every k steps")
+    types: list[str] = Field(default_factory=lambda: list(TYPE_NAMES))
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    overrides: dict[str, str | float] = Field(default_factory=dict)
+    calibration_batches: int = Field(4, ge=1, description="SNIP: batches scored at initialisation")
+    srste_decay: float = Field(2e-4, ge=0, description="SR-STE: decay on the pruned weights")
+    score_momentum: float = Field(0.9, ge=0, lt=1, description="learned scores: SGD momentum")
+    score_lr_factor: float = Field(1.0, ge=0, description="learned scores: lr = this * weight lr * p(e)/p_target")
+    freeze_scores_last: int = Field(0, ge=0, description="learned scores: no updates in the last k epochs")
+
+    # ------------------------------------------------------------------ field checks
+    @model_validator(mode="before")
+    @classmethod
+    def _pattern_value(cls, data: Any) -> Any:
+        """A Pattern value may stand for `pattern` (and, unstructured, `target`)."""
+        if isinstance(data, dict) and isinstance(data.get("pattern"), Pattern):
+            value: Pattern = data["pattern"]
+            data = {**data, "pattern": str(value)}
+            if value.kind == "unstructured":
+                if data.get("target") not in (None, value.target):
+                    raise ValueError(f"target {data['target']} conflicts with pattern {value!r}")
+                data["target"] = value.target
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        _lookup(METHODS, value)
+        return value
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern_text(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"pattern must be 'unstructured' or 'N:M' like '2:4', got {value!r}")  # noqa: TRY004 - pydantic reports ValueError
+        if value.strip() == "unstructured":
+            return "unstructured"
+        n, m = parse_nm(value)
+        return f"{n}:{m}"
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        return _none_or_raise(check_types(value), value)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        return _none_or_raise(check_regexes(value), value)
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, value: dict[str, str | float]) -> dict[str, str | float]:
+        return _none_or_raise(check_overrides(value), value)
+
+    @field_validator("schedule", mode="wrap")
+    @classmethod
+    def _schedule(cls, value: Any, handler: Any) -> ScheduleSpec | Schedule:
+        if isinstance(value, Schedule):
+            return value
+        if isinstance(value, ScheduleSpec):
+            return value
+        if value is None or isinstance(value, str):
+            value = {"name": value}
+        return ScheduleSpec.model_validate(value)
+
+    @field_validator("criterion", mode="wrap")
+    @classmethod
+    def _criterion(cls, value: Any, handler: Any) -> str | Criterion | None:
+        return _plugin(value, CRITERIA, Criterion)
+
+    @field_validator("forward", mode="wrap")
+    @classmethod
+    def _forward(cls, value: Any, handler: Any) -> str | ForwardRule | None:
+        return _plugin(value, FORWARD_RULES, ForwardRule)
+
+    # ------------------------------------------------------------------ checks across fields
+    @model_validator(mode="after")
+    def _consistent(self) -> SparsitySpec:
+        problems = self.problems()
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": p.message}),
+                                 loc=p.loc, input=p.value) for p in problems])
+        return self
+
+    def problems(self) -> list[Problem]:
+        """Everything wrong across fields and plug-ins ([] for a valid spec)."""
+        return _resolve(self)[1]
+
+    def resolve(self) -> Resolved:
+        """The plug-ins this spec names, built fresh (criteria hold per-run state), and its
+        pattern. Raises ValueError listing every problem."""
+        resolved, problems = _resolve(self)
+        if resolved is None or problems:
+            raise ValueError("invalid sparsity settings:\n  - " + "\n  - ".join(
+                f"{'.'.join(map(str, p.loc))}: {p.message}" if p.loc else p.message for p in problems))
+        return resolved
+
+    # ------------------------------------------------------------------ typed views
+    @property
+    def as_pattern(self) -> Pattern:
+        """The model's pattern as a value: `pattern` text with `target` (unstructured)."""
+        return Pattern.parse(self.pattern, self.target)
+
+    @property
+    def selection(self) -> TargetSpec:
+        """Which layers: types, include/exclude regexes, per-layer overrides."""
+        return TargetSpec(types=tuple(self.types), include=list(self.include),
+                          exclude=list(self.exclude), overrides=dict(self.overrides))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A spec's plug-ins, ready to build a Sparsifier from."""
+
+    method: Method
+    pattern: Pattern
+    criterion: Criterion
+    schedule: Schedule
+    forward: ForwardRule
+
+
+def spec_problems(exc: ValidationError) -> list[str]:
+    """A spec's ValidationError as one line per problem: 'schedule.beta: message'."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return lines
+
+
+# ---------------------------------------------------------------------- internals
+def _lookup(registry: Registry[Any], name: str) -> Any:
+    try:
+        return registry.get(name)
+    except UnknownNameError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _none_or_raise(errors: list[str], value: Any) -> Any:
+    if errors:
+        raise ValueError("; ".join(errors))
+    return value
+
+
+def _plugin(value: Any, registry: Registry[Any], protocol: type) -> Any:
+    if value is None or isinstance(value, protocol):
+        return value
+    if isinstance(value, str):
+        _lookup(registry, value)
+        return value
+    raise ValueError(f"{registry.kind} must be a registered name ({', '.join(registry.names())}) "
+                     f"or a configured instance, got {value!r}")
+
+
+def _construct(cls: type, spec: SparsitySpec) -> Any:
+    """A registered plug-in class with its settings: `cls.build(spec)` if it reads any from the
+    spec, else `cls()`."""
+    build = getattr(cls, "build", None)
+    return build(spec) if callable(build) else cls()
+
+
+def _label(kind: str, value: Any, name: str) -> str:
+    return f"{kind} {name!r}" if isinstance(value, str) or value is None else f"{kind} {type(value).__name__}"
+
+
+def _resolve(spec: SparsitySpec) -> tuple[Resolved | None, list[Problem]]:
+    problems: list[Problem] = []
+    method = METHODS.get(spec.method)  # the field check made sure it is registered
+
+    def pick(field: str, value: Any, default: str, registry: Registry[Any]) -> tuple[Any, str]:
+        if value is not None and not isinstance(value, str):
+            return value, type(value).__name__
+        name = value or default
+        try:
+            return _construct(registry.get(name), spec), name
+        except UnknownNameError as exc:  # a method naming an unregistered plug-in
+            problems.append(Problem((field,) if value else ("method",), str(exc), name))
+        except (ValueError, TypeError) as exc:
+            problems.append(Problem((field,), f"{registry.kind} {name!r}: {exc}", name))
+        return None, name
+
+    criterion, criterion_name = pick("criterion", spec.criterion, method.criterion, CRITERIA)
+    forward, forward_name = pick("forward", spec.forward, method.forward, FORWARD_RULES)
+    schedule = _schedule(spec, method, problems)
+
+    pattern = None
+    try:
+        pattern = spec.as_pattern
+    except ValueError as exc:
+        problems.append(Problem(("target",), str(exc), spec.target))
+    if pattern is not None and not pattern.is_nm:
+        if method.nm_only:
+            problems.append(Problem(("pattern",), f"method {spec.method!r} trains N:M patterns only, "
+                                    f"got pattern {spec.pattern!r}; use e.g. '2:4'", spec.pattern))
+        elif forward is not None and forward.nm_only:
+            problems.append(Problem(("pattern",), f"{_label('forward rule', spec.forward, forward_name)} "
+                                    f"trains N:M patterns only, got pattern {spec.pattern!r}", spec.pattern))
+    if criterion is not None and forward is not None and criterion.learned != forward.trains_scores:
+        crit = _label("criterion", spec.criterion, criterion_name)
+        fwd = _label("forward rule", spec.forward, forward_name)
+        where, value = (("forward",), forward_name) if spec.forward is not None else (("criterion",), criterion_name)
+        problems.append(Problem(where, f"{crit} learns scores but {fwd} does not train them"
+                                if criterion.learned else f"{fwd} trains learned scores but {crit} has none", value))
+    if spec.freeze_scores_last:
+        if spec.epochs is None or spec.freeze_scores_last > spec.epochs:
+            problems.append(Problem(("freeze_scores_last",), f"must be at most epochs ({spec.epochs})",
+                                    spec.freeze_scores_last))
+        if criterion is not None and not criterion.learned:
+            problems.append(Problem(("freeze_scores_last",), f"applies to learned scores; "
+                                    f"{_label('criterion', spec.criterion, criterion_name)} has none",
+                                    spec.freeze_scores_last))
+    if problems or criterion is None or forward is None or schedule is None or pattern is None:
+        return None, problems
+    return Resolved(method, pattern, criterion, schedule, forward), problems
+
+
+def _schedule(spec: SparsitySpec, method: Method, problems: list[Problem]) -> Schedule | None:
+    """The spec's schedule: an instance as given, or the registered class built with `epochs`
+    and its settings, each setting checked by the class itself."""
+    if not isinstance(spec.schedule, ScheduleSpec):
+        return spec.schedule
+    name = spec.schedule.name or method.schedule
+    try:
+        cls = SCHEDULES.get(name)
+    except UnknownNameError as exc:
+        problems.append(Problem(("method",), str(exc), name))
+        return None
+    options = spec.schedule.options
+    settings = schedule_settings(cls)
+    unknown = [key for key in options if key not in settings]
+    for key in unknown:
+        problems.append(Problem(("schedule", key), f"schedule {name!r} takes "
+                                f"{settings if settings else 'no settings'}, not {key!r}", options[key]))
+    if unknown:
+        return None
+    kwargs = {**options, **({"epochs": spec.epochs} if spec.epochs is not None else {})}
+    try:
+        if dataclasses.is_dataclass(cls) or issubclass(cls, BaseModel):
+            schedule = cast(Schedule, TypeAdapter(cls).validate_python(kwargs))
+        else:
+            schedule = cast(Schedule, cls(**kwargs))
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc, message = tuple(err["loc"]), err["msg"].removeprefix("Value error, ")
+            if loc[:1] == ("epochs",):
+                text = (f"schedule {name!r} needs epochs (the sparse-training length)"
+                        if err["type"] == "missing" else f"schedule {name!r}: epochs: {message}")
+                problems.append(Problem(("epochs",), text, spec.epochs))
+            else:
+                problems.append(Problem(("schedule", *loc), message if loc else f"schedule {name!r}: {message}",
+                                        err["input"] if loc else options))
+        return None
+    except (ValueError, TypeError) as exc:
+        problems.append(Problem(("schedule",), f"schedule {name!r}: {exc}", options))
+        return None
+    return schedule

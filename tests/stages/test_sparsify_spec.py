@@ -1,0 +1,117 @@
+"""stages.sparsify: its config is `optg.SparsitySpec` plus the phase's training keys, so every
+sparsity check, schedule setting and plug-in comes from optg, and YAML reaches all of them."""
+from typing import ClassVar
+
+import pytest
+import torch
+from pydantic import Field, ValidationError
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+import optg
+from stages.sparsify import SparsityConfig, build_sparsifier, calibrate_if_needed, plan
+from stages.train import TrainConfig
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+
+
+def loader(n: int = 10):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 1, 4, 4, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(n)]
+
+
+def locs(exc: ValidationError) -> dict[str, str]:
+    return {".".join(map(str, e["loc"])): e["msg"].removeprefix("Value error, ") for e in exc.errors()}
+
+
+def test_the_config_is_the_spec_plus_the_training_keys():
+    assert issubclass(SparsityConfig, optg.SparsitySpec) and issubclass(SparsityConfig, TrainConfig)
+    assert set(SparsityConfig.model_fields) == set(optg.SparsitySpec.model_fields) | set(TrainConfig.model_fields)
+    cfg = SparsityConfig(method="gmp", target=0.5, epochs=3)
+    assert SparsityConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(ValidationError) as err:
+        SparsityConfig(method="gmp", target=0.5)
+    assert locs(err.value) == {"epochs": "Field required"}  # the phase needs its length
+
+
+def test_field_errors_of_spec_and_training_keys_come_together():
+    with pytest.raises(ValidationError) as err:
+        SparsityConfig.model_validate({"method": "optq", "pattern": "4:2", "epochs": 3,
+                                       "optimizer": {"lr": -1}, "schedule": {"name": "linear"}})
+    assert set(locs(err.value)) == {"method", "pattern", "optimizer.lr", "schedule.name"}
+
+
+@dataclass(config={"extra": "forbid"})
+class HalfwaySchedule:
+    """None of the target before `start`, all of it after (test-only)."""
+
+    one_shot: ClassVar[bool] = False
+    epochs: int = Field(ge=1)
+    start: int = Field(default=1, ge=0)
+
+    def fraction(self, progress: float) -> float:
+        return 0.0 if progress < self.start else 1.0
+
+    def describe(self) -> dict[str, float]:
+        return {"start": self.start}
+
+
+@pytest.fixture
+def halfway():
+    optg.SCHEDULES.add("halfway_test", HalfwaySchedule)
+    yield "halfway_test"
+    optg.SCHEDULES.remove("halfway_test")
+
+
+def test_a_newly_registered_schedule_is_usable_from_the_config(halfway):
+    cfg = SparsityConfig.model_validate({"method": "gmp", "target": 0.75, "epochs": 4,
+                                         "schedule": {"name": halfway, "start": 2}})
+    net = model()
+    sp = build_sparsifier(net, cfg, steps_per_epoch=10, seed=0)
+    assert isinstance(sp.schedule, HalfwaySchedule) and sp.schedule.start == 2
+    sp.start_epoch(1)
+    assert sp.sparsity() == 0.0
+    sp.start_epoch(2)
+    assert sp.sparsity() == pytest.approx(0.75, abs=0.01)
+
+
+def test_an_unknown_setting_of_that_schedule_is_named_with_its_path(halfway):
+    with pytest.raises(ValidationError) as err:
+        SparsityConfig.model_validate({"method": "gmp", "target": 0.75, "epochs": 4,
+                                       "schedule": {"name": halfway, "beta": 1}})
+    assert locs(err.value) == {"schedule.beta": "schedule 'halfway_test' takes ['start'], not 'beta'"}
+    with pytest.raises(ValidationError) as err:
+        SparsityConfig.model_validate({"method": "gmp", "target": 0.75, "epochs": 4,
+                                       "schedule": {"name": halfway, "start": -2}})
+    assert locs(err.value) == {"schedule.start": "Input should be greater than or equal to 0"}
+
+
+def test_score_settings_are_reachable_from_the_config():
+    cfg = SparsityConfig.model_validate({"method": "optg", "target": 0.5, "epochs": 4, "score_momentum": 0.8,
+                                         "score_lr_factor": 0.5, "freeze_scores_last": 1})
+    sp = build_sparsifier(model(), cfg, steps_per_epoch=10, seed=0)
+    assert sp.score_optimizer.param_groups[0]["momentum"] == 0.8
+    assert (sp.score_lr_factor, sp.score_freeze_epoch) == (0.5, 3)
+
+
+def test_plan_build_and_calibrate_keep_their_signatures():
+    cfg = SparsityConfig(method="snip", target=0.6, epochs=2, calibration_batches=3, exclude=["^0$"])
+    net = model()
+    plans = plan(net, cfg)
+    assert [str(p.pattern) for p in plans] == ["dense", "unstructured", "unstructured"]
+    assert plans[0].reason == "excluded by '^0$'"
+    assert all("forward" not in m.__dict__ for m in net.modules())  # planning leaves the model alone
+    sp = build_sparsifier(net, cfg, steps_per_epoch=10, seed=0)
+    assert calibrate_if_needed(sp, loader(), cfg, torch.device("cpu")) == 3
+    assert calibrate_if_needed(sp, loader(), cfg, torch.device("cpu")) == 0  # already calibrated
+    assert sp.sparsity() == pytest.approx(0.6, abs=0.01)
+
+
+def test_an_empty_plan_is_a_value_error_naming_the_reasons():
+    cfg = SparsityConfig(method="gmp", target=0.6, epochs=2, include=["^nothing$"])
+    with pytest.raises(ValueError, match="no layer can be sparsified .*not matched by include"):
+        plan(model(), cfg)
