@@ -100,3 +100,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.train(training)
+
+
+def missing_extra(what: str, exc: ImportError, extra: str) -> StageError:
+    """The one message for an optional package that is not installed: which package `what`
+    needs and which extra of optg-pipeline brings it."""
+    package = (exc.name or "").split(".")[0] or extra
+    return StageError(
+        f"{what} needs {package}, which is not installed; install optg-pipeline[{extra}] "
+        f"(pip install \"optg-pipeline[{extra}]\")"
+    )

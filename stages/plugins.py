@@ -1,11 +1,11 @@
-"""Code the stages load by name: user plugins ("package.module:callable", with their options
-checked) and modules of optional extras (torchvision). Shared by the model and data stages.
+"""User plugins named "package.module:callable": resolve them and check their options.
+
+Shared by the model and data stages for user-supplied factories.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
-from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
 from stages.base import StageError
@@ -73,15 +73,3 @@ def check_options(
             f"{what}: unknown option(s) {', '.join(unknown)}; "
             f"valid: {', '.join(valid) if valid else '(none)'}"
         )
-
-
-def import_optional(module: str, needed_by: str, extra: str = "vision") -> ModuleType:
-    """Import `module` from an optional extra; without it, a StageError says what needs it and
-    which extra installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        package = module.split(".")[0]
-        raise StageError(
-            f"{needed_by} needs {package}, which is not installed; install optg-pipeline[{extra}]"
-        ) from exc

@@ -15,6 +15,7 @@ from stages.data.bundle import (
     Arrays,
     DataBundle,
     DataConfig,
+    LoaderOptions,
     bundle_from_arrays,
     split_arrays,
     to_dataset,
@@ -24,7 +25,7 @@ from stages.data.catalog import DATASETS
 from stages.plugins import check_options, import_callable
 
 __all__ = [
-    "DATASETS", "SPLITS", "Arrays", "DataBundle", "DataConfig", "bundle_from_arrays", "load_data",
+    "DATASETS", "SPLITS", "Arrays", "DataBundle", "DataConfig", "LoaderOptions", "bundle_from_arrays", "load_data",
     "split_arrays", "to_dataset", "validate_arrays",
 ]
 
@@ -72,9 +73,12 @@ def _load_plugin(cfg: DataConfig, seed: int) -> DataBundle:
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     """Load `cfg.name` with train/val/test splits that depend only on (cfg, seed)."""
     if ":" in cfg.name:
-        return _load_plugin(cfg, seed)
-    try:
-        factory = DATASETS.get(cfg.name)
-    except UnknownNameError as exc:
-        raise StageError(f"{exc}; or 'package.module:callable'") from None
-    return factory(cfg, seed)
+        bundle = _load_plugin(cfg, seed)
+    else:
+        try:
+            factory = DATASETS.get(cfg.name)
+        except UnknownNameError as exc:
+            raise StageError(f"{exc}; or 'package.module:callable'") from None
+        bundle = factory(cfg, seed)
+    bundle.loading = LoaderOptions.from_config(cfg)  # data.num_workers etc.
+    return bundle
