@@ -177,7 +177,7 @@ with warnings.catch_warnings():
         model: ModelConfig
         train: TrainConfig | None = None
         sparsity: SparsityConfig
-        validate: ValidateConfig = ValidateConfig()
+        validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # shadows BaseModel.validate
         export: ExportConfig = ExportConfig()
         verify: VerifyConfig = VerifyConfig()
         report: ReportConfig = ReportConfig()
@@ -322,7 +322,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if raw is None:
         raise ConfigError(["config file is empty; it needs at least name, data, model and sparsity"], source)
     if not isinstance(raw, dict):
-        raise ConfigError([f"config must be a mapping of keys (name: ..., data: ...), got a {type(raw).__name__}"], source)
+        raise ConfigError([f"config must be a mapping of keys (name: ..., data: ...), "
+                           f"got a {type(raw).__name__}"], source)
     raw = apply_overrides(raw, overrides or [])
     return validate_config(raw, source)
 
