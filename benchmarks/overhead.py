@@ -175,8 +175,8 @@ def profile_overhead(runners: dict[str, StepRunner], s: Settings, top: int = 8) 
 
 def bench_mask_update(s: Settings, device: torch.device) -> list[dict]:
     """start_epoch() mask recomputation over N weights in 1024-wide Linear layers, random scores:
-    global unstructured (kthvalue over all scores) and 2:4 at the target (topk per group) and
-    mid-ramp (topk + a global kthvalue over the candidates)."""
+    global unstructured (a radix select over all scores) and 2:4 at the target (topk per group)
+    and mid-ramp (topk + a global radix select over the candidates)."""
     rows = []
     for size_m in s.mask_sizes_m:
         numel = int(size_m * 1_000_000)
