@@ -19,6 +19,7 @@ from optg.criteria import (
                             RandomScores,
                             Snip,
 )
+from optg.distributed import MaskDivergence
 from optg.forward import (
                             FORWARD_RULES,
                             SRSTE,
@@ -63,6 +64,7 @@ __all__ = [
                             "LayerState",
                             "LearnedScores",
                             "LifecycleError",
+                            "MaskDivergence",
                             "Magnitude",
                             "MaskForward",
                             "Method",

@@ -18,7 +18,7 @@ from torch import nn
 
 from optg import masking
 from optg.criteria import Criterion, LossFn
-from optg.distributed import all_reduce_mean
+from optg.distributed import all_reduce_mean, check_masks_identical
 from optg.forward import ForwardRule, LayerState
 from optg.pattern import Pattern
 from optg.patterns import MASK_RULES
@@ -186,8 +186,9 @@ class Sparsifier:
 
     @torch.no_grad()
     def _update_masks(self, progress: float) -> None:
-        """Masks at `progress` (epochs): criterion scores ranked by each layer kind's mask rule.
-        Nothing to do for a forward rule that makes its masks itself (`scheduled` False)."""
+        """Masks at `progress` (epochs): criterion scores ranked by each layer kind's mask rule;
+        in a distributed run the ranks then compare mask digests (MaskDivergence if they
+        differ). Nothing to do for a forward rule that makes its masks itself (`scheduled` False)."""
         if not self.forward.scheduled:
             return
         self.fraction = self.schedule.fraction(progress)
@@ -199,6 +200,7 @@ class Sparsifier:
             keep = MASK_RULES.get(kind)([l.plan for l in layers], scores, self.fraction)
             for layer, k in zip(layers, keep):
                 layer.mask.copy_(k)
+        check_masks_identical([l.plan.name for l in self.layers], [l.mask for l in self.layers])
 
     # ---------------------------------------------------------------- bake
     @torch.no_grad()
