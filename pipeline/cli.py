@@ -21,6 +21,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="optg", description="Train sparse with OptG, bake, gate, export and verify 2:4-ready ONNX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -33,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--force", action="store_true", help="replace a run directory made by another config")
+    run.add_argument("--nproc", type=_positive_int, metavar="N",
+                     help="train with N processes on this node: starts torchrun (torch.distributed.run); "
+                          "data.batch_size stays the global batch")
 
     check = sub.add_parser("check", help="validate a config without running anything")
     check.add_argument("config")
@@ -67,13 +80,46 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    """`optg run` arguments for the ranks that `--nproc` starts (all but --nproc)."""
+    out = [args.config]
+    if args.out is not None:
+        out += ["--out", str(args.out)]
+    for item in args.overrides:
+        out += ["--set", item]
+    if args.device:
+        out += ["--device", args.device]
+    return out + ["--quiet"] * args.quiet + ["--force"] * args.force
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.distributed import batch_problem, env_world_size, init_from_env, launch, shutdown
+
+    cfg = _load(args)
+    world = args.nproc or env_world_size()
+    if args.nproc and env_world_size() > 1:
+        raise ConfigError(["--nproc: this process was already started by torchrun; drop --nproc"])
+    problem = batch_problem(cfg.data.batch_size, world)
+    if problem:
+        raise ConfigError([problem], args.config)
+    if args.nproc:
+        return launch(args.nproc, _forwarded(args), args.out or Path("runs") / cfg.name)
+    info = init_from_env(cfg.device)
+    try:
+        return _run_here(args, cfg, info)
+    finally:
+        shutdown()
+
+
+def _run_here(args: argparse.Namespace, cfg, info) -> int:
+    """Run the pipeline in this process (one rank of it under torchrun)."""
     from pipeline.runner import Runner, RunOptions
     from stages.base import GateFailure
 
-    cfg = _load(args)
-    options = RunOptions(out=args.out, force=args.force, quiet=args.quiet,
-                         progress=not args.quiet and sys.stderr.isatty())
+    quiet = args.quiet or not info.writer  # one rank speaks for the job
+    options = RunOptions(out=args.out, force=args.force, quiet=quiet,
+                         progress=not quiet and sys.stderr.isatty(), dist=info)
     runner = Runner(cfg, options)
     try:
         manifest = runner.execute()
@@ -81,6 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"optg: gate failed ({exc.gate}): {exc}", file=sys.stderr)
         print(f"optg: see {runner.run.path / 'report.md'} and manifest.json", file=sys.stderr)
         return EXIT_GATE
+    if not info.writer:
+        return EXIT_OK
     m = manifest.metrics
     summary = {"status": manifest.status, "run_dir": str(runner.run.path),
                "dense_accuracy": m.dense_accuracy, "sparse_accuracy": m.sparse_accuracy,

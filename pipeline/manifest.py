@@ -61,6 +61,14 @@ class DataSummary(_Record):
     sizes: dict[str, int]
 
 
+class DistributedRecord(_Record):
+    """How the run was launched: processes, their backend (None: one process), nodes."""
+
+    world_size: int
+    backend: Literal["nccl", "gloo"] | None
+    nnodes: int
+
+
 class Metrics(_Growing):
     data: DataSummary | None = None
     macs: int | None = None
@@ -125,6 +133,7 @@ class Manifest(_Growing):
     resumed: int = 0
     versions: dict[str, str]
     versions_before_resume: list[dict[str, str] | None] = Field(default_factory=list)
+    distributed: DistributedRecord | None = None
     stages: dict[str, StageRecord] = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=Metrics)
     artifacts: dict[str, Artifact] = Field(default_factory=dict)

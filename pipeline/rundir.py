@@ -39,10 +39,15 @@ def versions() -> dict[str, str]:
 
 
 class RunDir:
-    """A run directory: `manifest.json`, `config.yaml`, artifacts, `checkpoints/`."""
+    """A run directory: `manifest.json`, `config.yaml`, artifacts, `checkpoints/`.
 
-    def __init__(self, path: Path) -> None:
+    writer=False (the ranks other than 0 of a distributed run): the manifest lives in memory
+    only, taken from rank 0 with `adopt`; `save` and `add_artifact` write nothing.
+    """
+
+    def __init__(self, path: Path, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
         self.manifest_path = self.path / "manifest.json"
         self.checkpoints = self.path / "checkpoints"
         self._manifest: Manifest | None = None
@@ -91,7 +96,13 @@ class RunDir:
         self.save()
         return False
 
+    def adopt(self, manifest: dict) -> None:
+        """Take the manifest rank 0 opened (a non-writer never reads the directory itself)."""
+        self._manifest = Manifest.model_validate(manifest)
+
     def save(self) -> None:
+        if not self.writer:
+            return
         self.manifest.updated = _now()
         atomic_write_json(self.manifest_path, self.manifest.to_json())
 
@@ -103,6 +114,8 @@ class RunDir:
         self.save()
 
     def add_artifact(self, key: str, path: Path) -> None:
+        if not self.writer:
+            return
         path = Path(path)
         self.manifest.artifacts[key] = Artifact(path=str(path.relative_to(self.path)), bytes=path.stat().st_size,
                                                 sha256=sha256_file(path))

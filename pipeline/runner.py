@@ -8,8 +8,11 @@ codes in cli.py: 0 ok, 2 config/usage, 3 gate failed, 1 anything else.
 """
 from __future__ import annotations
 
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,8 +20,9 @@ from typing import Callable, Sequence
 import torch
 
 from pipeline.config import ConfigError, PipelineConfig, config_hash, dump_yaml
-from pipeline.manifest import ErrorRecord, Manifest, Status
-from pipeline.rundir import RunDir
+from pipeline.distributed import DistInfo, broadcast_object
+from pipeline.manifest import DistributedRecord, ErrorRecord, Manifest, Status
+from pipeline.rundir import RunDir, RunDirConflict
 from pipeline.stage_table import STAGES, RunContext, Stage, debug_signal_hook
 from stages.base import ConfigFieldError, GateFailure
 from stages.io import atomic_write_text
@@ -30,6 +34,20 @@ class RunOptions:
     force: bool = False
     quiet: bool = False
     progress: bool = False
+    dist: DistInfo = DistInfo()  # this process's rank; rank 0 alone writes the run directory
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the outcome is written: torchrun repeats a Ctrl-C to the ranks
+    and sends SIGTERM when another rank failed, and neither may cut the manifest short (a held
+    signal is delivered afterwards and still ends the process)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,10 +65,11 @@ class Runner:
                  stages: Sequence[Stage] = STAGES) -> None:
         self.cfg, self.options = cfg, options
         self.log = log or ((lambda msg: None) if options.quiet else (lambda msg: print(msg, file=sys.stderr)))
-        self.run = RunDir(options.out or Path("runs") / cfg.name)
-        self.stages = [stage for stage in stages if stage.enabled(cfg)]
+        self.run = RunDir(options.out or Path("runs") / cfg.name, writer=options.dist.writer)
+        self.stages = [stage for stage in stages if stage.enabled(cfg)
+                       and (stage.all_ranks or options.dist.writer)]
         self.ctx = RunContext(cfg, self.run, resolve_device(cfg.device), self.log, progress=options.progress,
-                              on_step=debug_signal_hook())
+                              on_step=debug_signal_hook(), dist=options.dist)
 
     # ------------------------------------------------------------------ one stage
     def _run_stage(self, stage: Stage) -> None:
@@ -80,11 +99,15 @@ class Runner:
     # ------------------------------------------------------------------ main
     def execute(self) -> Manifest:
         """Run every stage not yet done. Raises GateFailure / StageError after recording them."""
-        cfg = self.cfg
-        resumed = self.run.open(cfg.name, config_hash(cfg), self.options.force)
-        self.log(f"{'resuming' if resumed else 'starting'} run {cfg.name!r} in {self.run.path} on {self.ctx.device}")
-        atomic_write_text(self.run.path / "config.yaml", dump_yaml(cfg))
-        self.run.add_artifact("config.yaml", self.run.path / "config.yaml")
+        cfg, info = self.cfg, self.options.dist
+        resumed = self._open()
+        self.run.manifest.distributed = DistributedRecord(**info.record())
+        where = f" ({info.world_size} processes, {info.backend})" if info.world_size > 1 else ""
+        self.log(f"{'resuming' if resumed else 'starting'} run {cfg.name!r} in {self.run.path} on "
+                 f"{self.ctx.device}{where}")
+        if info.writer:
+            atomic_write_text(self.run.path / "config.yaml", dump_yaml(cfg))
+            self.run.add_artifact("config.yaml", self.run.path / "config.yaml")
         restorers = self._restorers()
         try:
             for stage in self.stages:
@@ -103,22 +126,49 @@ class Runner:
                 if stage.epilogue:
                     self._run_stage(stage)
         except GateFailure as exc:
-            self._fail("gate_failed", exc, gate=exc.gate)
+            with _signals_held():
+                self._fail("gate_failed", exc, gate=exc.gate)
             raise
         except KeyboardInterrupt as exc:
-            self._fail("interrupted", exc)
+            with _signals_held():
+                self._fail("interrupted", exc)
             raise
         except Exception as exc:
-            self._fail("failed", exc)
+            with _signals_held():
+                self._fail("failed", exc)
             raise
         finally:
-            self.run.save()
+            with _signals_held():
+                self.run.save()
         return self.run.manifest
+
+    def _open(self) -> bool:
+        """Open the run directory on rank 0 and hand its manifest to the other ranks (which
+        never read or write the directory themselves); an error there stops every rank."""
+        info, cfg = self.options.dist, self.cfg
+        outcome: tuple[bool, dict | None, str | None, str | None] = (False, None, None, None)
+        error: Exception | None = None
+        if info.writer:
+            try:
+                resumed = self.run.open(cfg.name, config_hash(cfg), self.options.force)
+                outcome = (resumed, self.run.manifest.to_json(), None, None)
+            except Exception as exc:
+                error, outcome = exc, (False, None, type(exc).__name__, str(exc))
+        outcome = broadcast_object(outcome, info)
+        if error is not None:
+            raise error
+        resumed, manifest, kind, message = outcome
+        if kind is not None:
+            raise (RunDirConflict if kind == "RunDirConflict" else RuntimeError)(f"rank 0: {message}")
+        if not info.writer:
+            assert manifest is not None
+            self.run.adopt(manifest)
+        return resumed
 
     def _fail(self, status: Status, exc: BaseException, gate: str | None = None) -> None:
         self.run.manifest.status = status
         self.run.manifest.error = ErrorRecord(type=type(exc).__name__, gate=gate, message=str(exc))
-        if status != "gate_failed":
+        if status != "gate_failed" or not self.options.dist.writer:
             return
         for stage in self.stages:  # a failed gate still leaves a readable report of what was measured
             if stage.epilogue:

@@ -22,6 +22,7 @@ from torch import nn
 
 import optg
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.distributed import DistInfo, broadcast_object
 from pipeline.manifest import DataSummary, ExportRecord
 from pipeline.rundir import RunDir
 from stages import bake as bake_stage
@@ -49,6 +50,7 @@ class RunContext:
     log: Callable[[str], None]
     progress: bool = False
     on_step: StepHook | None = None
+    dist: DistInfo = DistInfo()
     bundle_: DataBundle | None = None
     model_: nn.Module | None = None
     sparsifier_: optg.Sparsifier | None = None
@@ -71,6 +73,15 @@ class RunContext:
             raise RuntimeError("the sparsify stage has not run")
         return self.sparsifier_
 
+    def on_disk(self, path: Path) -> bool:
+        """Whether rank 0 sees `path`: every rank takes the same branch (resume or not)."""
+        return bool(broadcast_object(path.exists() if self.dist.writer else None, self.dist))
+
+    def evaluate(self, split: str) -> float | None:
+        """Accuracy on `split`, each rank counting its shard, summed over the ranks."""
+        return evaluate(self.model, self.bundle, split, self.device, self.cfg.data.eval_batch_size,
+                        rank=self.dist.rank, world_size=self.dist.world_size)
+
 
 def _always(cfg: PipelineConfig) -> bool:
     return True
@@ -92,6 +103,8 @@ class Stage:
         failed gate too (unrecorded then), so its output says how the run ended.
     section: the config section whose fields the stage's errors name ("validate" turns
         `max_accuracy_drop` into `validate.max_accuracy_drop`).
+    all_ranks: False for stages only rank 0 runs in a distributed run (they write files and
+        need no other rank: export, verify, report).
     """
 
     name: str
@@ -102,6 +115,7 @@ class Stage:
     rerun: bool = False
     epilogue: bool = False
     section: str | None = None
+    all_ranks: bool = True
 
 
 # --------------------------------------------------------------------------- adapters
@@ -129,7 +143,8 @@ def run_model(ctx: RunContext) -> None:
 def _trainer(ctx: RunContext, phase: str, cfg: TrainConfig, sparsifier: optg.Sparsifier | None = None) -> Trainer:
     return Trainer(ctx.model, ctx.bundle, cfg, phase=phase, device=ctx.device, seed=ctx.cfg.seed,
                    batch_size=ctx.cfg.data.batch_size, eval_batch_size=ctx.cfg.data.eval_batch_size,
-                   sparsifier=sparsifier, progress=ctx.progress, log=ctx.log, on_step=ctx.on_step)
+                   sparsifier=sparsifier, progress=ctx.progress, log=ctx.log, on_step=ctx.on_step,
+                   rank=ctx.dist.rank, world_size=ctx.dist.world_size)
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict:
@@ -137,14 +152,15 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
 
 
 def _run_phase(ctx: RunContext, trainer: Trainer, checkpoint: Path) -> None:
-    """Train one phase from its last epoch checkpoint (if any), saving one after every epoch."""
-    if checkpoint.exists():
+    """Train one phase from its last epoch checkpoint (if any), saving one after every epoch.
+    Rank 0 writes the checkpoints; on a resume every rank loads the one rank 0 found."""
+    if ctx.on_disk(checkpoint):
         trainer.load_state_dict(_load_checkpoint(checkpoint, ctx.device))
         ctx.log(f"[{trainer.phase}] resuming at epoch {trainer.next_epoch + 1}/{trainer.cfg.epochs}")
     def save(t: Trainer) -> None:
         atomic_torch_save(t.state_dict(), checkpoint)
 
-    trainer.run(on_epoch_end=save)
+    trainer.run(on_epoch_end=save if ctx.dist.writer else None)
     manifest = ctx.run.manifest
     manifest.history = [h for h in manifest.history if h.phase != trainer.phase] + list(trainer.history)
 
@@ -159,7 +175,7 @@ def restore_dense(ctx: RunContext) -> None:
 
 
 def run_reference(ctx: RunContext) -> None:
-    accuracy = evaluate(ctx.model, ctx.bundle, "test", ctx.device, ctx.cfg.data.eval_batch_size)
+    accuracy = ctx.evaluate("test")
     ctx.run.manifest.metrics.dense_accuracy = accuracy
     ctx.log(f"[reference] dense test accuracy {accuracy:.4f}" if accuracy is not None
             else "[reference] empty test split: no dense accuracy")
@@ -169,12 +185,13 @@ def run_sparsify(ctx: RunContext) -> None:
     """Attach the sparsifier and train; resumed mid-phase from the last sparse checkpoint. Also
     the restore: with every epoch checkpointed it trains zero epochs and leaves the sparsifier."""
     cfg, data = ctx.cfg.sparsity, ctx.cfg.data
-    steps = len(ctx.bundle.loader("train", data.batch_size, shuffle=True))
+    steps = len(ctx.bundle.loader("train", data.batch_size, shuffle=True, rank=ctx.dist.rank,
+                                  world_size=ctx.dist.world_size))
     sparsifier = ctx.sparsifier_ = sparsify_stage.build_sparsifier(ctx.model, cfg, steps_per_epoch=steps,
                                                                    seed=ctx.cfg.seed)
     checkpoint = ctx.run.checkpoints / "sparse.pt"
     trainer = _trainer(ctx, "sparse", cfg, sparsifier)
-    if not checkpoint.exists():
+    if not ctx.on_disk(checkpoint):
         sparsify_stage.calibrate_if_needed(
             sparsifier, ctx.bundle.loader("train", data.batch_size, shuffle=True, seed=ctx.cfg.seed), cfg, ctx.device)
     _run_phase(ctx, trainer, checkpoint)
@@ -185,6 +202,8 @@ def run_bake(ctx: RunContext) -> None:
     metrics = ctx.run.manifest.metrics
     metrics.targeted_sparsity, metrics.model_sparsity = result.targeted_sparsity, result.model_sparsity
     metrics.layers = result.layers
+    if not ctx.dist.writer:
+        return
     path = bake_stage.save_safetensors(ctx.model, ctx.run.path / "model.safetensors",
                                        {"config_hash": ctx.run.manifest.config_hash})
     ctx.run.add_artifact("model.safetensors", path)
@@ -195,7 +214,7 @@ def restore_baked(ctx: RunContext) -> None:
 
 
 def run_validate(ctx: RunContext) -> None:
-    sparse = evaluate(ctx.model, ctx.bundle, "test", ctx.device, ctx.cfg.data.eval_batch_size)
+    sparse = ctx.evaluate("test")
     if sparse is None:
         raise StageError("the test split is empty: nothing to validate on (lower data.val_fraction or add data)")
     metrics = ctx.run.manifest.metrics
@@ -274,9 +293,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("sparsify", run_sparsify, restore=run_sparsify, state="weights", section="sparsity"),
     Stage("bake", run_bake, restore=restore_baked, state="weights"),
     Stage("validate", run_validate, section="validate"),
-    Stage("export", run_export, enabled=lambda c: c.export.enabled, section="export"),
-    Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify"),
-    Stage("report", run_report, epilogue=True, section="report"),
+    Stage("export", run_export, enabled=lambda c: c.export.enabled, section="export", all_ranks=False),
+    Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify", all_ranks=False),
+    Stage("report", run_report, epilogue=True, section="report", all_ranks=False),
 )
 
 
@@ -284,10 +303,11 @@ STAGES: tuple[Stage, ...] = (
 
 
 def debug_signal_hook(spec: str | None = None) -> StepHook | None:
-    """`OPTG_DEBUG_SIGNAL_AT=PHASE:EPOCH:STEP[:SIGNAL]` (README, "The tests"): after training step
-    STEP of epoch EPOCH (both 1-based) of PHASE (dense or sparse), the process sends itself
-    SIGNAL (INT, the default, behaves like Ctrl-C; KILL like a hard kill). The resume tests use it
-    to interrupt a run at an exact point; unset, nothing is installed."""
+    """`OPTG_DEBUG_SIGNAL_AT=PHASE:EPOCH:STEP[:SIGNAL[:RANK]]` (README, "The tests"): after
+    training step STEP of epoch EPOCH (both 1-based) of PHASE (dense or sparse), the process
+    sends itself SIGNAL (INT, the default, behaves like Ctrl-C; KILL like a hard kill); with
+    RANK, only the torchrun process of that rank does. The resume and fault tests use it to
+    interrupt a run at an exact point; unset, nothing is installed."""
     spec = os.environ.get(DEBUG_SIGNAL_ENV) if spec is None else spec
     if not spec:
         return None
@@ -295,12 +315,15 @@ def debug_signal_hook(spec: str | None = None) -> StepHook | None:
     try:
         phase, epoch, step = parts[0], int(parts[1]), int(parts[2])
         sig = signal.Signals[f"SIG{parts[3] if len(parts) > 3 else 'INT'}"]
-        if len(parts) > 4 or phase not in ("dense", "sparse") or epoch < 1 or step < 1:
+        only_rank = int(parts[4]) if len(parts) > 4 else None
+        if len(parts) > 5 or phase not in ("dense", "sparse") or epoch < 1 or step < 1:
             raise ValueError(spec)
     except (IndexError, KeyError, ValueError):
-        raise ConfigError([f"{DEBUG_SIGNAL_ENV}={spec!r}: expected PHASE:EPOCH:STEP[:SIGNAL], "
+        raise ConfigError([f"{DEBUG_SIGNAL_ENV}={spec!r}: expected PHASE:EPOCH:STEP[:SIGNAL[:RANK]], "
                            "e.g. sparse:3:5:INT (phase dense or sparse, epoch and step from 1)"],
                           "environment") from None
+    if only_rank is not None and only_rank != int(os.environ.get("RANK", "0")):
+        return None
 
     def hook(trainer: Trainer, at_epoch: int, at_step: int) -> None:
         if (trainer.phase, at_epoch, at_step) == (phase, epoch, step):

@@ -69,6 +69,7 @@ class EpochRecord:
     sparsity: float
     lr: float
     seconds: float
+    samples_per_second: float | None = None  # training samples (all ranks) per second of the epoch's steps
 
 
 def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -230,10 +231,17 @@ class Trainer:
         return self.history
 
     def _compiled(self) -> nn.Module:
+        """The module the steps call: DistributedDataParallel over the model when world_size > 1
+        (gradients averaged across ranks; `self.model` stays the plain module for state_dict and
+        evaluation), then torch.compile with train.compile."""
+        module: nn.Module = self.model
+        if self.world_size > 1:
+            module = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index or 0] if self.device.type == "cuda" else None)
         if not self.cfg.compile:
-            return self.model
+            return module
         try:
-            return torch.compile(self.model)  # type: ignore[return-value]
+            return torch.compile(module)  # type: ignore[return-value]
         except RuntimeError as exc:  # e.g. a Python version torch.compile does not support
             raise StageError(f"train.compile: torch.compile is not available here: {exc}; "
                              "set compile: false") from exc
@@ -247,7 +255,7 @@ class Trainer:
             if self.sparsifier is not None:
                 self.sparsifier.start_epoch(epoch)
             try:
-                loss_sum, correct, seen = self._train_epoch(epoch)
+                loss_sum, correct, seen, train_seconds = self._train_epoch(epoch)
             except Exception as exc:  # torch.compile compiles lazily, at the first steps
                 if self.cfg.compile and _compile_failure(exc):
                     raise StageError(f"train.compile: torch.compile failed on this machine ({exc}); "
@@ -258,7 +266,7 @@ class Trainer:
             sparsity = self.sparsifier.sparsity() if self.sparsifier else 0.0
             record = EpochRecord(self.phase, epoch, loss_sum / max(1, seen), correct / max(1, seen),
                                  val, sparsity, self.optimizer.param_groups[0]["lr"],
-                                 time.perf_counter() - started)
+                                 time.perf_counter() - started, seen / max(train_seconds, 1e-9))
             self.history.append(record)
             self.next_epoch = epoch + 1
             self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
@@ -267,9 +275,21 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(self)
 
-    def _train_epoch(self, epoch: int) -> tuple[float, int, int]:
+    def _loss_weight(self, step: int, local_n: int) -> float:
+        """Scale of this rank's mean loss so that DDP's average over ranks is the mean over the
+        global batch: local_n * world_size / global_n (1 for equal shards and one process)."""
+        if self.world_size == 1:
+            return 1.0
+        sampler = self.train_loader.sampler
+        global_n = min(sampler.batch_size, sampler.size - step * sampler.batch_size)
+        return local_n * self.world_size / global_n
+
+    def _train_epoch(self, epoch: int) -> tuple[float, int, int, float]:
+        """One pass over this rank's shard: (loss sum, correct, samples) over all ranks, and
+        the seconds the steps took."""
         loader = self.train_loader
         loader.set_epoch(epoch)
+        started = time.perf_counter()
         bar = tqdm(loader, desc=f"{self.phase} {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         loss_sum, seen = 0.0, 0
@@ -285,7 +305,8 @@ class Trainer:
                     "optimizer.lr", f"{self.phase}: loss is {value} at epoch {epoch + 1}, step {step + 1}; "
                     f"lower {{field}} (now {self.cfg.optimizer.lr}) or check the data"))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            weight = self._loss_weight(step, y.numel())
+            (loss if weight == 1.0 else loss * weight).backward()
             if self.cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -299,4 +320,10 @@ class Trainer:
             bar.set_postfix(loss=f"{value:.3f}")
             if self.on_step is not None:
                 self.on_step(self, epoch + 1, step + 1)
-        return loss_sum, int(correct), seen
+        if self.world_size > 1:  # the epoch's numbers are the job's, not this rank's shard's
+            totals = reduce_counts(torch.tensor([loss_sum, float(correct), float(seen)],
+                                                dtype=torch.float64, device=self.device))
+            loss_sum, correct_n, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
+        else:
+            correct_n = int(correct)
+        return loss_sum, correct_n, seen, time.perf_counter() - started
