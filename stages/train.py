@@ -237,7 +237,8 @@ class Trainer:
         module: nn.Module = self.model
         if self.world_size > 1:
             module = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index or 0] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index if self.device.index is not None
+                                        else torch.cuda.current_device()] if self.device.type == "cuda" else None)
         if not self.cfg.compile:
             return module
         try:
