@@ -221,3 +221,16 @@ def test_batch_not_divisible_by_the_processes_is_a_config_error(tmp_path, monkey
     assert main(["run", str(cfg), "--out", str(out)]) == 2
     assert "not divisible by the 5 processes" in capsys.readouterr().err
     assert not out.exists()  # found before anything was written or launched
+
+
+def test_debug_hook_rank_selects_one_process(monkeypatch):
+    from pipeline.config import ConfigError
+    from pipeline.stage_table import debug_signal_hook
+
+    monkeypatch.setenv("RANK", "0")
+    assert debug_signal_hook("sparse:1:2:KILL:1") is None  # meant for rank 1 only
+    assert debug_signal_hook("sparse:1:2:KILL") is not None  # no rank: every process
+    monkeypatch.setenv("RANK", "1")
+    assert debug_signal_hook("sparse:1:2:KILL:1") is not None
+    with pytest.raises(ConfigError, match="PHASE:EPOCH:STEP"):
+        debug_signal_hook("sparse:1:2:KILL:1:extra")
