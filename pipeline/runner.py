@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,13 +42,21 @@ class RunOptions:
 def _signals_held() -> Iterator[None]:
     """Hold SIGINT/SIGTERM while the outcome is written: torchrun repeats a Ctrl-C to the ranks
     and sends SIGTERM when another rank failed, and neither may cut the manifest short (a held
-    signal is delivered afterwards and still ends the process)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    signal is raised again afterwards and still ends the process). Python-level handlers, not a
+    thread signal mask: torch's own threads would still take a signal the main thread blocks."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
+        yield
+        return
+    caught: list[int] = []
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def resolve_device(name: str) -> torch.device:
