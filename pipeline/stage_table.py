@@ -251,6 +251,7 @@ def report_input(ctx: RunContext) -> report_stage.ReportInput:
         name=m.name, status=m.status, failed_gate=m.error.gate if m.error else None,
         error=m.error.message if m.error else None, method=s.method, pattern=s.pattern, target=s.target,
         config_hash=m.config_hash, **{k: getattr(m.metrics, k) for k in shown},
+        max_accuracy_drop=ctx.cfg.validate.max_accuracy_drop, min_accuracy=ctx.cfg.validate.min_accuracy,
         stages=[report_stage.StageRow(name=k, status=v.status, seconds=v.seconds) for k, v in m.stages.items()],
         layers=m.metrics.layers, onnx_layers=m.verify.layers if m.verify else [],
         artifacts=[report_stage.ArtifactRow(**a.model_dump()) for a in m.artifacts.values()],
