@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     options = RunOptions(out=args.out, force=args.force, quiet=args.quiet,
-                         progress=not args.quiet and sys.stderr.isatty())
+                         progress=not args.quiet and sys.stderr.isatty(), command=[sys.argv[0], *args.argv])
     runner = Runner(cfg, options)
     try:
         manifest = runner.execute()
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.rundir import RunDirConflict
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"run": cmd_run, "check": cmd_check, "inspect": cmd_inspect, "schema": cmd_schema}[args.command]
     try:
         return handler(args)

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from pipeline.config import ConfigError, PipelineConfig, config_hash, dump_yaml
-from pipeline.manifest import ErrorRecord, Manifest, Status
+from pipeline.manifest import Environment, ErrorRecord, Manifest, Status
 from pipeline.rundir import RunDir
 from pipeline.stage_table import STAGES, RunContext, Stage, debug_signal_hook
 from stages.base import ConfigFieldError, GateFailure
@@ -30,6 +30,16 @@ class RunOptions:
     force: bool = False
     quiet: bool = False
     progress: bool = False
+    command: list[str] | None = None  # the command line for the manifest (default sys.argv)
+
+
+def record_run_facts(manifest: Manifest, cfg: PipelineConfig, device: torch.device,
+                     command: list[str] | None) -> None:
+    """The manifest's top-level method/pattern/target (what a release step branches on) and the
+    environment of this invocation."""
+    manifest.method, manifest.pattern = cfg.sparsity.method, str(cfg.sparsity.pattern)
+    manifest.target = cfg.sparsity.as_pattern.target
+    manifest.environment = Environment.current(device, command)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +93,7 @@ class Runner:
         cfg = self.cfg
         resumed = self.run.open(cfg.name, config_hash(cfg), self.options.force)
         self.log(f"{'resuming' if resumed else 'starting'} run {cfg.name!r} in {self.run.path} on {self.ctx.device}")
+        record_run_facts(self.run.manifest, cfg, self.ctx.device, self.options.command)
         atomic_write_text(self.run.path / "config.yaml", dump_yaml(cfg))
         self.run.add_artifact("config.yaml", self.run.path / "config.yaml")
         restorers = self._restorers()

@@ -82,7 +82,10 @@ def digits(cfg: DataConfig, seed: int) -> DataBundle:
 
     raw = load_digits()
     x = (raw.images / 16.0).astype(np.float32)[:, None, :, :]
-    return bundle_from_arrays("digits", cfg, seed, (x, raw.target), num_classes=10)
+    bundle = bundle_from_arrays("digits", cfg, seed, (x, raw.target), num_classes=10)
+    bundle.class_names = [str(i) for i in range(10)]
+    bundle.preprocessing = {"layout": "N x 1 x 8 x 8", "scale": "pixel / 16 (sklearn digits 0..16 -> 0..1)"}
+    return bundle
 
 
 # --------------------------------------------------------------------------- mnist1d
@@ -126,9 +129,11 @@ def mnist1d(cfg: DataConfig, seed: int) -> DataBundle:
     opts = parse_options("mnist1d", Mnist1dOptions, cfg.options)
     _no_path("mnist1d", cfg)
     x, y, x_test, y_test = _mnist1d_arrays(opts.num_samples, opts.seed)
-    return bundle_from_arrays(
+    bundle = bundle_from_arrays(
         "mnist1d", cfg, seed, (x, y), test=(x_test, y_test), num_classes=10
     )
+    bundle.class_names = [str(i) for i in range(10)]
+    return bundle
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -239,6 +244,7 @@ def npz(cfg: DataConfig, seed: int) -> DataBundle:
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR10_TEST = "test_batch"
 
@@ -344,6 +350,9 @@ def cifar10(cfg: DataConfig, seed: int) -> DataBundle:
     )
     if opts.augment:
         bundle.train = AugmentedTensorDataset(*bundle.train.tensors)  # type: ignore[attr-defined]
+    bundle.class_names = list(CIFAR10_CLASSES)
+    bundle.preprocessing = {"layout": "N x 3 x 32 x 32 RGB", "scale": "pixel / 255",
+                            "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
     return bundle
 
 
