@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--print", dest="print_config", action="store_true", help="print the resolved config")
     check.add_argument("--json", action="store_true",
-                       help='machine-readable: {"ok": true, "config": ...} or {"ok": false, "errors": [{path, message}]}')
+                       help='machine-readable: {"ok": true, "config": ...} or '
+                            '{"ok": false, "errors": [{path, message}]}')
 
     sub.add_parser("schema", help="print the config's JSON Schema (editor completion, CI validation)")
 
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    handler = {"run": cmd_run, "check": cmd_check, "inspect": cmd_inspect, "schema": cmd_schema}[args.command]
+    handler = {"run": cmd_run, "check": cmd_check, "inspect": cmd_inspect,
+               "schema": cmd_schema}[args.command]
     try:
         return handler(args)
     except (ConfigError, RunDirConflict) as exc:

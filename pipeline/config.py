@@ -18,10 +18,10 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline.tracking_config import TrackingConfig
 from stages.base import StrictModel
-from stages.plugins import set_plugin_dirs
 from stages.data import DataConfig
 from stages.export import ExportConfig
 from stages.model import ModelConfig
+from stages.plugins import set_plugin_dirs
 from stages.report import ReportConfig
 from stages.sparsify import SparsityConfig
 from stages.train import TrainConfig

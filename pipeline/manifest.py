@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
+import torch as _torch
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from stages.bake import BakedLayer
@@ -126,12 +125,12 @@ class Environment(_Record):
     command: list[str]  # the command line, argv[0] first
 
     @classmethod
-    def current(cls, device: torch.device, command: list[str] | None = None) -> "Environment":
+    def current(cls, device: _torch.device, command: list[str] | None = None) -> "Environment":
         name = str(device)
-        if device.type == "cuda" and torch.cuda.is_available():
-            name = f"{device}: {torch.cuda.get_device_name(device)}"
-        return cls(python=platform.python_version(), torch=torch.__version__,
-                   cuda_available=torch.cuda.is_available(), device=name, cpu_threads=torch.get_num_threads(),
+        if device.type == "cuda" and _torch.cuda.is_available():
+            name = f"{device}: {_torch.cuda.get_device_name(device)}"
+        return cls(python=platform.python_version(), torch=_torch.__version__,
+                   cuda_available=_torch.cuda.is_available(), device=name, cpu_threads=_torch.get_num_threads(),
                    os=f"{platform.system()} {platform.release()} ({platform.machine()})",
                    command=list(sys.argv if command is None else command))
 

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from stages.base import StageError, StrictModel
 
-
 _plugin_dirs: list[Path] = []
 
 

@@ -17,9 +17,8 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
-
 from pydantic import BaseModel, Field
+from torch import nn
 
 from optg.registry import Registry
 from stages.base import StageError, missing_extra

@@ -25,7 +25,8 @@ from stages.data.catalog import DATASET_SCHEMAS, DATASETS, check_builtin
 from stages.plugins import check_options, import_callable
 
 __all__ = [
-    "DATASETS", "SPLITS", "Arrays", "check_data_config", "DataBundle", "DataConfig", "LoaderOptions", "bundle_from_arrays", "load_data",
+    "DATASETS", "SPLITS", "Arrays", "check_data_config",
+    "DataBundle", "DataConfig", "LoaderOptions", "bundle_from_arrays", "load_data",
     "split_arrays", "to_dataset", "validate_arrays",
 ]
 
