@@ -156,3 +156,20 @@ def test_version_schema_and_check_json(tmp_path, capsys):
     assert main(["check", str(config), "--json"]) == 0
     ok = json.loads(capsys.readouterr().out)
     assert ok["ok"] is True and ok["config"]["sparsity"]["pattern"] == "2:4" and len(ok["config_hash"]) == 64
+
+
+def test_shipped_configs_validate_against_the_printed_schema(capsys):
+    """What `optg schema` prints is usable by a standard validator: the shipped configs pass,
+    an unknown key fails."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from pipeline.config import parse_yaml
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    root = Path(__file__).resolve().parents[2]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        jsonschema.validate(parse_yaml(path.read_text()), schema)
+    bad = json.loads(json.dumps(TINY))
+    bad["data"]["colour"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="colour"):
+        jsonschema.validate(bad, schema)
