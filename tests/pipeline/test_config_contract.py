@@ -132,12 +132,26 @@ def test_sparse_phase_inherits_train_settings_unless_given(tmp_path, capsys):
     assert (cfg.sparsity.optimizer.name, cfg.sparsity.optimizer.lr) == ("sgd", 0.1)
 
 
-def test_imagefolder_resize_follows_image_size():
+def test_imagefolder_resize_follows_image_size(tmp_path):
+    """image_size 32 evaluates on a 32-px crop of a 37-px resize (ImageNet's 256/224 ratio), not
+    of the default 256-px upscale; an explicit resize wins."""
+    from PIL import Image
+
+    from stages.data import DataConfig, load_data
     from stages.data.catalog import ImageFolderOptions
 
     assert ImageFolderOptions(image_size=32).resize == 37
     assert ImageFolderOptions().resize == 256
     assert ImageFolderOptions(image_size=32, resize=40).resize == 40
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (48, 40), (i * 60, 0, 0)).save(tmp_path / split / label / f"{i}.png")
+    bundle = load_data(DataConfig(name="imagefolder", path=str(tmp_path), options={"image_size": 32}), seed=0)
+    assert bundle.preprocessing is not None and bundle.preprocessing["resize_shorter_side"] == 37
+    assert bundle.class_names == ["a", "b"] and bundle.input_shape == (3, 32, 32)
+    assert tuple(bundle.test[0][0].shape) == (3, 32, 32)
 
 
 def test_version_schema_and_check_json(tmp_path, capsys):
