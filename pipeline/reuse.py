@@ -23,8 +23,11 @@ IGNORED: tuple[str, ...] = ("name", "tracking", "data.num_workers", "data.pin_me
 
 
 class _HasInputs(Protocol):
-    name: str
-    inputs: tuple[str, ...]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def inputs(self) -> tuple[str, ...]: ...
 
 
 def _get(tree: Mapping[str, Any], dotted: str) -> Any:

@@ -28,6 +28,7 @@ from pipeline.manifest import Artifact, Manifest, Rerun, StageRecord
 from stages.io import atomic_write_json, atomic_write_text, sha256_file
 
 RUNNER_FILES = ("config.yaml", "metrics.csv")  # artifacts the runner rewrites on every (re)open
+OWN_SECTIONS = ("export", "verify")  # manifest sections named after the stage that writes them
 
 
 def looks_ours(raw: Any) -> bool:
@@ -200,6 +201,8 @@ class RunDir:
             return []
         for name in names:
             del self.manifest.stages[name]
+            if name in OWN_SECTIONS:  # its result goes too: a stage now disabled leaves none behind
+                self.manifest.unset(name)
         for key, artifact in list(self.manifest.artifacts.items()):
             if artifact.stage in names:
                 (self.path / artifact.path).unlink(missing_ok=True)
