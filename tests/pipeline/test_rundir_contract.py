@@ -264,9 +264,11 @@ def test_a_plugin_calling_sys_exit_0_fails_the_run(tmp_path, monkeypatch, capsys
 
 
 def test_manifest_and_metrics_csv_hold_every_finished_epoch_of_an_interrupted_run(tmp_path, monkeypatch):
+    tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     monkeypatch.setenv(DEBUG_SIGNAL_ENV, "sparse:2:1:INT")  # after dense 2 epochs and sparse epoch 1
     cfg = _config(tmp_path / "fast.yaml", train={"epochs": 2, "optimizer": {"lr": 0.05}},
-                  sparsity={**FAST["sparsity"], "epochs": 3})
+                  sparsity={**FAST["sparsity"], "epochs": 3}, export={"enabled": False}, verify={"enabled": False},
+                  tracking={"tensorboard": {"log_dir": str(tmp_path / "tb")}})
     run = tmp_path / "run"
     assert _run(cfg, run) == 130
     m = _manifest(run)
@@ -277,6 +279,56 @@ def test_manifest_and_metrics_csv_hold_every_finished_epoch_of_an_interrupted_ru
     assert [(r["phase"], int(r["epoch"])) for r in rows] == [("dense", 0), ("dense", 1), ("sparse", 0)]
     assert [float(r["train_loss"]) for r in rows] == [h["train_loss"] for h in m["history"]]
     assert m["artifacts"]["metrics.csv"]["sha256"] == sha256_file(run / "metrics.csv")
+
+    monkeypatch.delenv(DEBUG_SIGNAL_ENV)
+    assert _run(cfg, run) == 0  # resumed: the tracker gets the earlier epochs replayed, each step once
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert [(r["phase"], int(r["epoch"])) for r in rows] == [("dense", 0), ("dense", 1), *(("sparse", i) for i in
+                                                                                            range(3))]
+    for phase, steps in (("dense", [0, 1]), ("sparse", [0, 1, 2])):
+        acc = tensorboard.EventAccumulator(str(tmp_path / "tb" / "run" / phase))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train_loss")] == steps, phase
+
+
+def test_a_sidecar_write_that_fails_leaves_neither_file(tmp_path, monkeypatch):
+    """The staged .onnx and .data never reach their final names when the save fails midway."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from stages import export
+    from stages.io import WriteError
+
+    weight = numpy_helper.from_array(np.ones((32, 32), np.float32), "w")  # over onnx's 1 KiB inline limit
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32])], [weight])
+    template = helper.make_model(graph)
+
+    def proto():  # saving with external data moves the weights out of the proto: a fresh one each time
+        copy = onnx.ModelProto()
+        copy.CopyFrom(template)
+        return copy
+
+    monkeypatch.setattr(export, "_EXTERNAL_DATA_BYTES", 0)
+    real = onnx.save_model
+
+    def fail_after_writing(model, path, **kwargs):
+        real(model, path, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx, "save_model", fail_after_writing)
+    with pytest.raises(WriteError, match="No space left"):
+        export.atomic_save(proto(), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(onnx, "save_model", real)
+    assert export.atomic_save(proto(), tmp_path / "m.onnx") == tmp_path / "m.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert numpy_helper.to_array(onnx.load(str(tmp_path / "m.onnx")).graph.initializer[0]).sum() == 1024
+    monkeypatch.setattr(export, "_EXTERNAL_DATA_BYTES", 1 << 30)  # smaller again: the stale sidecar goes
+    assert export.atomic_save(proto(), tmp_path / "m.onnx") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 # --------------------------------------------------------------------------- tracking
