@@ -94,6 +94,14 @@ def test_out_that_is_a_file_is_exit_2_with_one_line_before_any_work(tmp_path, ca
     assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "fast.yaml"]
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_where_nothing_can_be_written_is_exit_2_even_for_root(tmp_path, capsys):
+    """/proc/self refuses new files to every user, root included: the write probe finds it."""
+    assert _run(_config(tmp_path / "fast.yaml"), Path("/proc/self/optg-run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write in /proc/self" in err
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
 def test_out_in_a_read_only_directory_is_exit_2(tmp_path, capsys):
     cfg = _config(tmp_path / "fast.yaml")
