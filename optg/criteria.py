@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from optg.distributed import all_reduce_sum
 from optg.modes import training_mode
 from optg.registry import Registry
+
+if TYPE_CHECKING:
+    from optg.spec import SparsitySpec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,17 +45,35 @@ CRITERIA: Registry[type] = Registry("criterion")
 
 @CRITERIA.register("optg")
 class LearnedScores:
-    """OptG: a score per weight, same shape, initialised to zeros. Its gradient is
-    `dL/d(w*m) * w` (see masking._ScoreSTE) and it lives outside the model's parameters."""
+    """OptG: a score per weight, same shape. Its gradient is `dL/d(w*m) * w` (see
+    masking._ScoreSTE) and it lives outside the model's parameters.
+
+    init `zeros` (the authors'); `magnitude`: a prior from the weights it starts from,
+    `scale * |w| / mean(|w|)` per layer (a layer's mean prior is `scale`), so that on a trained
+    network removing a large weight takes accumulated evidence rather than one epoch of noise.
+    """
 
     learned = True
     needs_calibration = False
 
-    def __init__(self) -> None:
+    def __init__(self, init: Literal["zeros", "magnitude"] = "zeros", scale: float = 1.0) -> None:
+        if init not in ("zeros", "magnitude"):
+            raise ValueError(f"score init must be 'zeros' or 'magnitude', got {init!r}")
+        self.init, self.scale = init, scale
         self.tensors: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def build(cls, spec: SparsitySpec) -> LearnedScores:
+        return cls(init=spec.score_init, scale=spec.score_init_scale)
+
     def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None:
-        self.tensors = {name: torch.zeros_like(w, requires_grad=True) for name, w in weights.items()}
+        self.tensors = {name: self._initial(w).requires_grad_(True) for name, w in weights.items()}
+
+    def _initial(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.init == "zeros":
+            return torch.zeros_like(weight)
+        magnitude = weight.detach().abs()
+        return self.scale * magnitude / magnitude.mean().clamp_min(torch.finfo(magnitude.dtype).tiny)
 
     def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self.tensors[name]
