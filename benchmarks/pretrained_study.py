@@ -45,6 +45,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                         "score_init_scale": 0.1, "score_lr_coupled": False},
     "prior1+cubic": {"start": "scratch", "score_init": "magnitude", "score_init_scale": 1.0,
                      "score_lr_coupled": False, "schedule": {"name": "cubic"}},
+    "live1": {"start": "scratch", "score_init": "live", "score_init_scale": 1.0, "score_lr_coupled": False},
+    "live0.1": {"start": "scratch", "score_init": "live", "score_init_scale": 0.1, "score_lr_coupled": False},
+    "live0.01": {"start": "scratch", "score_init": "live", "score_init_scale": 0.01, "score_lr_coupled": False},
+    "prior0.001": {"start": "scratch", "score_init": "magnitude", "score_init_scale": 0.001, "score_lr_coupled": False},
     "pretrained": {"start": "pretrained"},
     "gmp": {"start": "scratch", "method": "gmp"},
 }

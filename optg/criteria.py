@@ -51,14 +51,17 @@ class LearnedScores:
     init `zeros` (the authors'); `magnitude`: a prior from the weights it starts from,
     `scale * |w| / mean(|w|)` per layer (a layer's mean prior is `scale`), so that on a trained
     network removing a large weight takes accumulated evidence rather than one epoch of noise.
+    `live`: the same prior, but taken from the current weights at every mask update: masks
+    rank `s + scale * |w| / mean(|w|)` with `s` the learned score (zero-initialised), so the
+    prior follows the weights as they move (a pruned weight, which only decays, loses it).
     """
 
     learned = True
     needs_calibration = False
 
-    def __init__(self, init: Literal["zeros", "magnitude"] = "zeros", scale: float = 1.0) -> None:
-        if init not in ("zeros", "magnitude"):
-            raise ValueError(f"score init must be 'zeros' or 'magnitude', got {init!r}")
+    def __init__(self, init: Literal["zeros", "magnitude", "live"] = "zeros", scale: float = 1.0) -> None:
+        if init not in ("zeros", "magnitude", "live"):
+            raise ValueError(f"score init must be 'zeros', 'magnitude' or 'live', got {init!r}")
         self.init, self.scale = init, scale
         self.tensors: dict[str, torch.Tensor] = {}
 
@@ -70,10 +73,18 @@ class LearnedScores:
         self.tensors = {name: self._initial(w).requires_grad_(True) for name, w in weights.items()}
 
     def _initial(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.init == "zeros":
+        if self.init != "magnitude":
             return torch.zeros_like(weight)
+        return self._prior(weight)
+
+    def _prior(self, weight: torch.Tensor) -> torch.Tensor:
         magnitude = weight.detach().abs()
         return self.scale * magnitude / magnitude.mean().clamp_min(torch.finfo(magnitude.dtype).tiny)
+
+    def ranking(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """What masks rank: the learned scores, plus the live prior with init `live`."""
+        scores = self.tensors[name].detach()
+        return scores + self._prior(weight) if self.init == "live" else scores
 
     def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self.tensors[name]

@@ -276,7 +276,8 @@ class Sparsifier:
         for layer in self.layers:
             by_kind.setdefault(layer.plan.kind, []).append(layer)
         for kind, layers in by_kind.items():
-            scores = [self._ranked(self.criterion.scores(l.plan.name, l.weight)) for l in layers]
+            ranking = getattr(self.criterion, "ranking", self.criterion.scores)
+            scores = [self._ranked(ranking(l.plan.name, l.weight)) for l in layers]
             rule = MASK_RULES.get(kind)
             plans = [l.plan for l in layers]
             keep = rule(plans, scores, self.fraction)

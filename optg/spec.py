@@ -137,8 +137,9 @@ class SparsitySpec(BaseModel):
                                     "learning before the first prune; the schedule runs in the rest")
     score_lr_coupled: bool = Field(True, description="learned scores: lr follows p(e)/p_target (authors); "
                                    "False: lr = score_lr_factor * weight lr throughout")
-    score_init: Literal["zeros", "magnitude"] = Field(
-        "zeros", description="learned scores start at 0, or at score_init_scale * |w| / mean(|w|) per layer")
+    score_init: Literal["zeros", "magnitude", "live"] = Field(
+        "zeros", description="learned scores start at 0, or at score_init_scale * |w| / mean(|w|) per layer "
+                             "(magnitude), or masks rank scores + that prior of the current weights (live)")
     score_init_scale: float = Field(1.0, ge=0, description="magnitude prior: scale of |w| / mean(|w|)")
     score_normalization: Literal["none", "layer"] = Field(
         "none", description="ranking: raw scores, or each layer's scores / their mean |score|")

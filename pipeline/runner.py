@@ -131,7 +131,8 @@ class Runner:
     def _sparsify(self) -> None:
         cfg = self.cfg.sparsity
         steps = len(self.bundle.loader("train", self.cfg.data.batch_size, shuffle=True))
-        self.sparsifier = sparsify_stage.build_sparsifier(self.model, cfg, steps_per_epoch=steps, seed=self.cfg.seed)
+        self.sparsifier = sparsify_stage.build_sparsifier(self.model, cfg, steps_per_epoch=steps, seed=self.cfg.seed,
+                                                          from_trained=self.cfg.train is not None or self.cfg.model.weights is not None)
         checkpoint = self.run.checkpoints / "sparse.pt"
         trainer = self._trainer("sparse", cfg, self.sparsifier)
         if not checkpoint.exists():

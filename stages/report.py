@@ -32,14 +32,26 @@ def nonzero_params(model: nn.Module) -> int:
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
-    """Validation accuracy (left axis) and sparsity (right axis) against epoch, both phases."""
+    """Validation accuracy (left axis) and sparsity (right axis) against epoch, both phases;
+    below, when the mask-update guard ran, the loss rise it measured at each epoch's mask
+    updates (`mask_update_loss_delta`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xs = list(range(1, len(history) + 1))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    deltas = [h.get("mask_update_loss_delta") for h in history]
+    if any(d is not None for d in deltas):
+        fig, (ax, guard_ax) = plt.subplots(2, 1, figsize=(7, 5.6), dpi=110, sharex=True,
+                                           gridspec_kw={"height_ratios": [3, 1.4]})
+        guard_ax.bar(xs, [float("nan") if d is None else d for d in deltas], color="tab:orange")
+        guard_ax.axhline(0, color="gray", lw=0.8)
+        guard_ax.set_ylabel("loss rise at\nmask update", color="tab:orange")
+        guard_ax.set_xlabel("epoch (dense phase, then sparse phase)")
+        guard_ax.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(xs, [float("nan") if h["val_accuracy"] is None else h["val_accuracy"] for h in history], "o-", color="tab:blue", label="val accuracy")
     ax.set_xlabel("epoch (dense phase, then sparse phase)")
     ax.set_ylabel("validation accuracy", color="tab:blue")
@@ -68,6 +80,16 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _largest_rise(history: list[dict[str, Any]]) -> str | None:
+    """'0.0123 (sparse epoch 4)': the guard's largest measured loss rise, None if it did not run."""
+    rises = [(h["mask_update_loss_delta"], h["epoch"]) for h in history
+             if h.get("mask_update_loss_delta") is not None]
+    if not rises:
+        return None
+    delta, epoch = max(rises)
+    return f"{delta:.4f} (sparse epoch {epoch + 1})"
+
+
 def render_markdown(manifest: dict[str, Any], plot_name: str | None) -> str:
     """The human summary of a run, from its manifest (one source of truth)."""
     m = manifest.get("metrics", {})
@@ -88,6 +110,7 @@ def render_markdown(manifest: dict[str, Any], plot_name: str | None) -> str:
         ("parameters (dense / nonzero)", f"{m.get('params')} / {m.get('nonzero_params')}"),
         ("MACs per sample (dense)", m.get("macs")),
         ("ONNX parity (max abs error)", m.get("parity_max_abs_error")),
+        ("largest loss rise at a mask update (guard)", _largest_rise(manifest.get("history") or [])),
         ("config hash", manifest.get("config_hash", "")[:16]),
     ]:
         lines.append(f"| {key} | {_fmt(value)} |")
