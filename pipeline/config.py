@@ -11,11 +11,12 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from pipeline.tracking_config import TrackingConfig
 from stages.base import StrictModel
 from stages.data import DataConfig
 from stages.export import ExportConfig
@@ -36,8 +37,91 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; refuse anything over 1 MiB unread
+MAX_YAML_DEPTH = 64  # nesting levels; a config needs about 5
+MAX_YAML_NODES = 20_000  # values after alias expansion; a config has a few hundred
+
+
+class YamlLimitError(yaml.YAMLError):
+    """A YAML document refused before it is built: too deep, too big once aliases are
+    expanded, a recursive alias, or a key given twice in one mapping."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader without sexagesimal ints (so `2:4` stays text) and with YAML 1.2 floats."""
+    """SafeLoader without sexagesimal ints (so `2:4` stays text) and with YAML 1.2 floats.
+
+    Composition is bounded: every node counts once, every alias counts as the size of the
+    node it names (so nested aliases, the "billion laughs" bomb, are refused after
+    MAX_YAML_NODES nodes instead of expanding exponentially later), nesting stops at
+    MAX_YAML_DEPTH levels (no RecursionError), and a mapping may not repeat a key (PyYAML
+    would let the last one silently win).
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._weights: dict[yaml.Node, int] = {}  # node -> its size with aliases expanded
+        self._total = 0
+        self._from_aliases = 0
+        self._depth = 0
+        self._path: list[str] = []  # dotted location of the node being composed, for messages
+
+    def _count(self, weight: int, mark: Any, alias: bool = False) -> None:
+        self._total += weight
+        self._from_aliases += weight if alias else 0
+        if self._total > MAX_YAML_NODES:
+            why = (" (aliases repeat most of them: nested aliases, a 'billion laughs' bomb?)"
+                   if 2 * self._from_aliases > self._total else "")
+            raise YamlLimitError(f"line {mark.line + 1}: the document holds more than {MAX_YAML_NODES} values "
+                                 f"with aliases expanded{why}; a config holds a few hundred")
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:  # an undefined alias is reported by PyYAML itself
+                weight = self._weights.get(target)
+                if weight is None:
+                    raise YamlLimitError(f"line {event.start_mark.line + 1}: alias *{event.anchor} is used "
+                                         "inside the node it names (a recursive structure)")
+                self._count(weight, event.start_mark, alias=True)
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise YamlLimitError(f"line {event.start_mark.line + 1}, column {event.start_mark.column + 1}: "
+                                 f"nested deeper than {MAX_YAML_DEPTH} levels")
+        self._count(1, event.start_mark)
+        if isinstance(parent, yaml.SequenceNode):
+            self._path.append(str(index))
+        elif isinstance(parent, yaml.MappingNode):
+            self._path.append(str(index.value) if isinstance(index, yaml.ScalarNode) else "?")
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if parent is not None:
+                self._path.pop()
+        if isinstance(node, yaml.SequenceNode):
+            weight = 1 + sum(self._weights[child] for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            weight = 1 + sum(self._weights[k] + self._weights[v] for k, v in node.value)
+        else:
+            weight = 1
+        self._weights[node] = weight
+        return node
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            first = seen.setdefault((key.tag, key.value), key)
+            if first is not key:
+                where = ".".join(self._path) or "the top level"
+                raise YamlLimitError(
+                    f"line {key.start_mark.line + 1}: duplicate key {key.value!r} in {where} "
+                    f"(first at line {first.start_mark.line + 1}); each key may appear once in a mapping")
+        return node
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -54,14 +138,30 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _unshare(value: Any) -> Any:
+    """A tree copy: aliases give shared objects, and `--set` must change one place only."""
+    if isinstance(value, dict):
+        return {k: _unshare(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshare(v) for v in value]
+    return value
+
+
 def parse_yaml(text: str, source: str = "config") -> Any:
+    """Parse one YAML document safely and within bounds; ConfigError says what is wrong."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"YAML text is {len(text)} characters; the limit is {MAX_CONFIG_BYTES}"], source)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        return _unshare(yaml.load(text, Loader=_Loader))  # _Loader is a SafeLoader
+    except YamlLimitError as exc:
+        raise ConfigError([str(exc)], source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"YAML syntax error at {where}: {problem}"], source) from None
+    except RecursionError:  # a safety net: the depth limit above should make this unreachable
+        raise ConfigError([f"YAML nested too deeply (limit {MAX_YAML_DEPTH} levels)"], source) from None
 
 
 with warnings.catch_warnings():
@@ -71,7 +171,7 @@ with warnings.catch_warnings():
         """The whole run. `train` is the optional dense phase before sparse training."""
 
         name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
-        seed: int = Field(0, ge=0)
+        seed: int = Field(0, ge=0, le=2**32 - 1, description="0 .. 4294967295")
         device: Literal["auto", "cpu", "cuda"] = "auto"
         data: DataConfig
         model: ModelConfig
@@ -81,6 +181,7 @@ with warnings.catch_warnings():
         export: ExportConfig = ExportConfig()
         verify: VerifyConfig = VerifyConfig()
         report: ReportConfig = ReportConfig()
+        tracking: TrackingConfig | None = None
 
         @model_validator(mode="after")
         def _cross_checks(self) -> "PipelineConfig":
@@ -140,13 +241,47 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return problems
 
 
+def _mapping_field_types(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the pydantic model inside `annotation`, whether it is a dict) for `X`, `X | None`, `dict[...]`."""
+    candidates = getattr(annotation, "__args__", (annotation,)) if get_origin(annotation) is not dict else ()
+    model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    is_dict = get_origin(annotation) is dict or any(get_origin(c) is dict or c is dict for c in candidates)
+    return model, is_dict
+
+
+def split_override_key(key: str) -> list[str]:
+    """Split a `--set` key at dots, but only as deep as the schema has sections.
+
+    Below a mapping field (`data.options`, `model.options`, `sparsity.overrides`) the rest
+    of the key is one key, dots and all: `sparsity.overrides.^fc\\.0$` sets the regex
+    `^fc\\.0$`. Below an unknown name the key is split at every dot, so the schema can name it.
+    """
+    parts: list[str] = []
+    model: type[BaseModel] | None = PipelineConfig
+    rest = key
+    while True:
+        head, dot, rest = rest.partition(".")
+        parts.append(head)
+        if not dot:
+            return parts
+        field = model.model_fields.get(head) if model is not None else None
+        model, is_dict = _mapping_field_types(field.annotation) if field is not None else (None, False)
+        if model is None and is_dict:
+            parts.append(rest)
+            return parts
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`--set a.b=value`: values parsed as YAML (so `1:4` stays text), typed later by the schema."""
+    """`--set a.b=value`: values parsed as YAML (so `1:4` stays text), typed later by the schema.
+
+    Keys are split by `split_override_key`, so a regex key under `sparsity.overrides` keeps its dots.
+    """
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
-        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_^$\\.*+?()\[\]|-]+)*", key):
+        parts = split_override_key(key) if key else []
+        if not sep or not parts or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", parts[0]) or not all(parts):
             problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. sparsity.target=0.95")
             continue
         try:
@@ -155,7 +290,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             problems.append(f"--set {item!r}: {exc.problems[0]}")
             continue
         node = raw
-        parts = key.split(".")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
@@ -178,6 +312,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not path.is_file():
         raise ConfigError([f"no such config file: {path}"], source)
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:  # checked before reading: never load a huge file into memory
+            raise ConfigError([f"config file is {size} bytes; the limit is {MAX_CONFIG_BYTES}"], source)
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read config: {exc}"], source) from None
@@ -207,5 +344,8 @@ def dump_yaml(cfg: PipelineConfig) -> str:
 
 
 def config_hash(cfg: PipelineConfig) -> str:
-    canonical = json.dumps(resolved_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """Identifies what the run computes; `tracking` is left out (it only observes the run), so
+    adding or moving a tracking store neither forces a retrain nor changes older runs' hashes."""
+    computed = {k: v for k, v in resolved_dict(cfg).items() if k != "tracking"}
+    canonical = json.dumps(computed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -26,7 +26,7 @@ from stages import verify as verify_stage
 from stages.base import GateFailure
 from stages.data import DataBundle, load_data
 from stages.export import export_onnx
-from stages.io import atomic_torch_save, atomic_write_text
+from stages.io import atomic_torch_save, atomic_write_text, safe_torch_load
 from stages.model import build_model
 from optg import parse_nm
 from stages.train import Trainer, TrainConfig, evaluate
@@ -92,7 +92,7 @@ class Runner:
 
     def _run_phase(self, trainer: Trainer, checkpoint: Path) -> None:
         if checkpoint.exists():
-            trainer.load_state_dict(torch.load(checkpoint, map_location=self.device, weights_only=False))
+            trainer.load_state_dict(safe_torch_load(checkpoint, map_location=self.device))
             self.log(f"[{trainer.phase}] resuming at epoch {trainer.next_epoch + 1}/{trainer.cfg.epochs}")
         trainer.run(on_epoch_end=lambda t: atomic_torch_save(t.state_dict(), checkpoint))
         self.run.manifest["history"] = [h for h in self.run.manifest["history"] if h["phase"] != trainer.phase]
@@ -120,7 +120,7 @@ class Runner:
         self._run_phase(self._trainer("dense", self.cfg.train), self.run.checkpoints / "dense.pt")
 
     def _restore_dense(self) -> None:
-        state = torch.load(self.run.checkpoints / "dense.pt", map_location=self.device, weights_only=False)
+        state = safe_torch_load(self.run.checkpoints / "dense.pt", map_location=self.device)
         self.model.load_state_dict(state["model"])
 
     def _reference(self) -> None:

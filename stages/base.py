@@ -5,9 +5,16 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """Config base: unknown keys are errors, values are validated on assignment too."""
+    """Config base: unknown keys are errors, values are validated on assignment too.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    Types are strict: `true` is not a number, the text "5" is not an int and 4e13 is not an
+    int (an int is still a valid float). Floats must be finite: `nan` or `.inf` would turn
+    a bound or a gate off (an infinite `verify.atol` accepts any output). A tuple field that
+    a YAML list fills opts out with `Field(strict=False)` and strict item types (`StrictFloat`).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True,
+                              allow_inf_nan=False)
 
 
 class StageError(RuntimeError):
@@ -23,3 +30,13 @@ class GateFailure(RuntimeError):
     def __init__(self, gate: str, message: str) -> None:
         super().__init__(message)
         self.gate = gate
+
+
+def missing_extra(what: str, exc: ImportError, extra: str) -> StageError:
+    """The one message for an optional package that is not installed: which package `what`
+    needs and which extra of optg-pipeline brings it."""
+    package = (exc.name or "").split(".")[0] or extra
+    return StageError(
+        f"{what} needs {package}, which is not installed; install optg-pipeline[{extra}] "
+        f"(pip install \"optg-pipeline[{extra}]\")"
+    )

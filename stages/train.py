@@ -9,21 +9,24 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, Strict, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
 from optg import LossGuard, Sparsifier
 from stages.base import StageError, StrictModel
 from stages.data import DataBundle
+from stages.data.loading import EpochLoader
 
 
 CONFIG_KEYS = {"dense": "train", "sparse": "sparsity"}  # phase -> its config section, for messages
 PHASE_SEEDS = {"dense": 1, "sparse": 2}  # offsets so each phase's random stream is its own
+Beta = Annotated[float, Strict(), Field(ge=0, lt=1)]
 
 
 class OptimizerConfig(StrictModel):
@@ -35,7 +38,8 @@ class OptimizerConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), strict=False,  # a YAML list fills it; items stay strict
+                                     description="AdamW's (beta1, beta2), each in [0, 1)")
 
 
 class TrainConfig(StrictModel):
@@ -47,6 +51,8 @@ class TrainConfig(StrictModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     amp: bool = Field(True, description="bf16 autocast on CUDA devices that support it; ignored on CPU")
     grad_clip: float | None = Field(None, gt=0)
+    compile: bool = Field(False, description="torch.compile the training forward/backward; needs a "
+                          "C++ compiler on CPU, and compiling takes a while before the first step")
 
     @model_validator(mode="after")
     def _warmup_shorter_than_training(self) -> "TrainConfig":
@@ -85,18 +91,68 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+def _compile_failure(exc: BaseException) -> bool:
+    from torch._dynamo.exc import BackendCompilerFailed  # imported only when compile was on
+
+    return isinstance(exc, BackendCompilerFailed)
+
+
+def use_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """channels_last pays on CUDA (cuDNN's NHWC kernels, tensor cores) for 2-D conv models;
+    on CPU it is left alone."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """Copy a batch to `device` without waiting (pinned memory makes it asynchronous)."""
+    if channels_last and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, bundle: DataBundle, split: str, device: torch.device,
-             batch_size: int = 256) -> float | None:
-    """Top-1 accuracy on a split; None for an empty split (e.g. val_fraction: 0)."""
+def count_correct(model: nn.Module, loader: EpochLoader, device: torch.device,
+                  channels_last: bool = False) -> torch.Tensor:
+    """[correct, seen] top-1 counts (int64, on `device`) over this process's batches.
+
+    Counts stay on the device: one host sync when the caller reads them, none per batch.
+    """
     was_training = model.training
     model.eval()
-    correct = total = 0
-    for x, y in bundle.loader(split, batch_size, shuffle=False):
-        logits = model(x.to(device))
-        correct += int((logits.argmax(1).cpu() == y).sum())
-        total += y.numel()
+    counts = torch.zeros(2, dtype=torch.long, device=device)
+    for x, y in loader:
+        y = y.to(device, non_blocking=True)
+        logits = model(to_device(x, device, channels_last))
+        counts[0] += (logits.argmax(1) == y).sum()
+        counts[1] += y.numel()
     model.train(was_training)
+    return counts
+
+
+def reduce_counts(counts: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum `counts` over the processes of `group` (the default group when None); a no-op
+    without an initialised process group. With NCCL the tensor must be on the rank's GPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    return counts
+
+
+def evaluate(model: nn.Module, bundle: DataBundle, split: str, device: torch.device,
+             batch_size: int = 256, *, rank: int = 0, world_size: int = 1, group: Any = None,
+             loader: EpochLoader | None = None) -> float | None:
+    """Top-1 accuracy on a split; None for an empty split (e.g. val_fraction: 0).
+
+    With world_size > 1 each rank counts its shard (`bundle.loader(..., rank, world_size)`)
+    and the counts are summed over `group`, so every rank returns the accuracy of the whole
+    split. Pass the plain module, not a DDP wrapper. `loader` reuses an existing one.
+    """
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise StageError(f"evaluate: world_size={world_size} needs an initialised process group")
+    if loader is None:
+        loader = bundle.loader(split, batch_size, shuffle=False, rank=rank,
+                               world_size=world_size, device=device)
+    counts = count_correct(model, loader, device, use_channels_last(model, device))
+    correct, total = (int(v) for v in reduce_counts(counts, group).tolist())
     return correct / total if total else None
 
 
@@ -106,13 +162,21 @@ class Trainer:
     def __init__(self, model: nn.Module, bundle: DataBundle, cfg: TrainConfig, *, phase: str,
                  device: torch.device, seed: int, batch_size: int, eval_batch_size: int = 256,
                  sparsifier: Sparsifier | None = None, progress: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1) -> None:
         self.model, self.bundle, self.cfg, self.phase = model, bundle, cfg, phase
         self.device, self.seed, self.batch_size = device, seed, batch_size
         self.eval_batch_size = eval_batch_size
         self.sparsifier, self.progress, self.log = sparsifier, progress, log
+        self.rank, self.world_size = rank, world_size
         self.optimizer = make_optimizer(model.parameters(), cfg.optimizer)
-        self.steps_per_epoch = len(bundle.loader("train", batch_size, shuffle=True, seed=0))
+        # one loader per phase (persistent workers); epoch e shuffles with seed * 100_003 + e
+        self.train_loader = bundle.loader("train", batch_size, shuffle=True, seed=seed * 100_003,
+                                          rank=rank, world_size=world_size, device=device)
+        self.val_loader = bundle.loader("val", eval_batch_size, rank=rank, world_size=world_size,
+                                        device=device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.channels_last = use_channels_last(model, device)
+        self.forward: nn.Module = model  # torch.compile(model) while running with train.compile
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.epochs * self.steps_per_epoch,
                                           cfg.warmup_epochs * self.steps_per_epoch))
@@ -129,7 +193,10 @@ class Trainer:
         if self.sparsifier is None or settings is None:
             return None
         batches = []
-        for x, y in self.bundle.loader("train", self.batch_size, shuffle=True, seed=self.seed):
+        loader = self.bundle.loader("train", self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
+                                    world_size=self.world_size, device=self.device)
+        loader.set_epoch(0)
+        for x, y in loader:
             batches.append((x.to(self.device), y.to(self.device)))
             if len(batches) == settings.batches:
                 break
@@ -139,6 +206,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """Only tensors, numbers, strings, None, lists and dicts (RNG states are ByteTensors), so
+        the checkpoint loads with `torch.load(weights_only=True)` and a tampered one is refused."""
         return {
             "phase": self.phase, "next_epoch": self.next_epoch,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -159,13 +228,33 @@ class Trainer:
             self.sparsifier.load_state_dict(state["sparsifier"])
         self.history = [EpochRecord(**r) for r in state["history"]]
         self.next_epoch = state["next_epoch"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # RNG states are CPU ByteTensors, whatever map_location did
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
 
     # ------------------------------------------------------------------ loop
     def run(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> list[EpochRecord]:
         self.model.to(self.device).train()
+        if self.channels_last:  # restored below: safetensors and export want contiguous weights
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        try:
+            self._run_epochs(on_epoch_end)
+        finally:
+            if self.channels_last:
+                self.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        return self.history
+
+    def _compiled(self) -> nn.Module:
+        if not self.cfg.compile:
+            return self.model
+        try:
+            return torch.compile(self.model)  # type: ignore[return-value]
+        except RuntimeError as exc:  # e.g. a Python version torch.compile does not support
+            raise StageError(f"train.compile: torch.compile is not available here: {exc}; "
+                             "set compile: false") from exc
+
+    def _run_epochs(self, on_epoch_end: Callable[[Trainer], None] | None) -> None:
+        self.forward = self._compiled()
         if self.next_epoch == 0:  # a phase starts from its own seed, resumed or not
             torch.manual_seed(self.seed * 1_000 + PHASE_SEEDS.get(self.phase, 0))
         for epoch in range(self.next_epoch, self.cfg.epochs):
@@ -173,9 +262,16 @@ class Trainer:
             seen_events = len(self.guard.events) if self.guard else 0
             if self.sparsifier is not None:
                 self.sparsifier.start_epoch(epoch)
-            loss_sum, correct, seen = self._train_epoch(epoch)
+            try:
+                loss_sum, correct, seen = self._train_epoch(epoch)
+            except Exception as exc:  # torch.compile compiles lazily, at the first steps
+                if self.cfg.compile and _compile_failure(exc):
+                    raise StageError(f"train.compile: torch.compile failed on this machine ({exc}); "
+                                     "set compile: false") from exc
+                raise
             events = self.guard.events[seen_events:] if self.guard else []
-            val = evaluate(self.model, self.bundle, "val", self.device, self.eval_batch_size)
+            val = evaluate(self.model, self.bundle, "val", self.device, loader=self.val_loader,
+                           world_size=self.world_size)
             sparsity = self.sparsifier.sparsity() if self.sparsifier else 0.0
             record = EpochRecord(self.phase, epoch, loss_sum / max(1, seen), correct / max(1, seen),
                                  val, sparsity, self.optimizer.param_groups[0]["lr"],
@@ -190,18 +286,18 @@ class Trainer:
                     self.log(f"[{self.phase}] WARNING: {event.message()}")
             if on_epoch_end is not None:
                 on_epoch_end(self)
-        return self.history
 
     def _train_epoch(self, epoch: int) -> tuple[float, int, int]:
-        loader = self.bundle.loader("train", self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch)
+        loader = self.train_loader
+        loader.set_epoch(epoch)
         bar = tqdm(loader, desc=f"{self.phase} {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         loss_sum, seen = 0.0, 0
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = to_device(x, self.device, self.channels_last), y.to(self.device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(x)
+                logits = self.forward(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
             value = loss.item()
             if not math.isfinite(value):

@@ -10,6 +10,7 @@ convolutions (one input channel per group).
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 from typing import Any, Callable, Sequence
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from optg.registry import Registry
-from stages.base import StageError
+from stages.base import StageError, missing_extra
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -404,10 +405,8 @@ def torchvision_model(
     try:
         models = importlib.import_module("torchvision.models")
     except ImportError as exc:
-        raise StageError(
-            f"model 'torchvision:{name}' needs torchvision, which is not installed; "
-            "install optg-pipeline[vision]"
-        ) from exc
+        raise missing_extra(f"model 'torchvision:{name}'", exc, "vision") from exc
+    _reserved(f"torchvision:{name}", options, ("weights", "num_classes"))
     available = sorted(models.list_models())
     if name not in available:
         raise StageError(
@@ -418,3 +417,41 @@ def torchvision_model(
             f"model 'torchvision:{name}' expects RGB images (3, H, W), got {tuple(input_shape)}"
         )
     return models.get_model(name, weights=None, num_classes=num_classes, **options)
+
+
+def timm_model(
+    name: str, input_shape: Sequence[int], num_classes: int, **options: Any
+) -> nn.Module:
+    """`timm:<name>`: an untrained timm model (pretrained=False) for `num_classes` and the
+    input's channel count; `options` go to `timm.create_model` (e.g. `img_size` for ViTs,
+    `drop_path_rate`). timm is an optional extra (it also needs torchvision)."""
+    try:
+        timm = importlib.import_module("timm")
+    except ImportError as exc:
+        raise missing_extra(f"model 'timm:{name}'", exc, "timm") from exc
+    if not timm.is_model(name):
+        known = timm.list_models()
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        raise StageError(
+            f"unknown timm model {name!r}; "
+            + (f"close names: {', '.join(close)}; " if close else "")
+            + f"timm {timm.__version__} has {len(known)} (see timm.list_models())"
+        )
+    if len(input_shape) != 3:
+        raise StageError(
+            f"model 'timm:{name}' expects images (C, H, W), got {tuple(input_shape)}"
+        )
+    _reserved(f"timm:{name}", options, ("pretrained", "num_classes", "in_chans"))
+    return timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=int(input_shape[0]), **options
+    )
+
+
+def _reserved(model: str, options: dict[str, Any], names: Sequence[str]) -> None:
+    """Zoo options the pipeline sets itself (no downloads: weights come from model.weights)."""
+    clash = sorted(set(options) & set(names))
+    if clash:
+        raise StageError(
+            f"model {model!r}: option(s) {', '.join(clash)} are set by the pipeline "
+            "(pretrained weights load through model.weights)"
+        )

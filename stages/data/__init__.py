@@ -10,13 +10,13 @@ from typing import Mapping, Sequence
 
 from optg.registry import UnknownNameError
 from stages.base import StageError
-from stages.data.bundle import (SPLITS, Arrays, DataBundle, DataConfig, bundle_from_arrays, split_arrays,
-                                to_dataset, validate_arrays)
+from stages.data.bundle import (SPLITS, Arrays, DataBundle, DataConfig, LoaderOptions, bundle_from_arrays,
+                                split_arrays, to_dataset, validate_arrays)
 from stages.data.catalog import DATASETS
 from stages.plugins import check_options, import_callable
 
 __all__ = [
-    "DATASETS", "SPLITS", "Arrays", "DataBundle", "DataConfig", "bundle_from_arrays", "load_data",
+    "DATASETS", "SPLITS", "Arrays", "DataBundle", "DataConfig", "LoaderOptions", "bundle_from_arrays", "load_data",
     "split_arrays", "to_dataset", "validate_arrays",
 ]
 
@@ -61,9 +61,12 @@ def _load_plugin(cfg: DataConfig, seed: int) -> DataBundle:
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     """Load `cfg.name` with train/val/test splits that depend only on (cfg, seed)."""
     if ":" in cfg.name:
-        return _load_plugin(cfg, seed)
-    try:
-        factory = DATASETS.get(cfg.name)
-    except UnknownNameError as exc:
-        raise StageError(f"{exc}; or 'package.module:callable'") from None
-    return factory(cfg, seed)
+        bundle = _load_plugin(cfg, seed)
+    else:
+        try:
+            factory = DATASETS.get(cfg.name)
+        except UnknownNameError as exc:
+            raise StageError(f"{exc}; or 'package.module:callable'") from None
+        bundle = factory(cfg, seed)
+    bundle.loading = LoaderOptions.from_config(cfg)  # data.num_workers etc.
+    return bundle

@@ -3,17 +3,18 @@ test/val carving. The data stage's entry point is `stages.data.load_data`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from stages.base import StageError, StrictModel
+from stages.data.loading import EpochLoader, make_loader
 
 SPLITS = ("train", "val", "test")
 Arrays = tuple[np.ndarray, np.ndarray]
@@ -35,6 +36,13 @@ class DataConfig(StrictModel):
     Array sources (npz, plugins) give x as (N, ...) so one sample's shape is x.shape[1:]; 2-D
     x of shape (N, F) is read as a 1-channel signal (N, 1, F), so 1-D conv models apply.
     Labels must be non-negative integers; num_classes is max label + 1 unless given.
+
+    batch_size: the GLOBAL training batch; with N processes each takes batch_size / N.
+    num_workers: loader worker processes per training process; "auto" (default) is 0 for
+        tensors in memory and a CPU-count share for file datasets (see
+        `stages.data.loading.default_num_workers`). Results do not depend on it.
+    pin_memory: page-locked batches and non-blocking copies when training on CUDA.
+    persistent_workers, prefetch_factor: kept between epochs; batches queued per worker.
     """
 
     name: str
@@ -44,6 +52,10 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = Field(2, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -62,6 +74,20 @@ class DataConfig(StrictModel):
         return self
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a bundle's loaders fetch batches (from DataConfig; defaults for plugin bundles)."""
+
+    num_workers: int | Literal["auto"] = "auto"
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> LoaderOptions:
+        return cls(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers, cfg.prefetch_factor)
+
+
 @dataclass
 class DataBundle:
     """Three splits plus what a model needs to know: one sample's shape and the class count."""
@@ -72,6 +98,7 @@ class DataBundle:
     test: Dataset
     input_shape: tuple[int, ...]
     num_classes: int
+    loading: LoaderOptions = field(default_factory=lambda: LoaderOptions())
 
     def split(self, split: str) -> Dataset:
         if split not in SPLITS:
@@ -81,16 +108,30 @@ class DataBundle:
         return getattr(self, split)
 
     def loader(
-        self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0
-    ) -> DataLoader:
-        """A single-process DataLoader; shuffling order depends only on `seed`."""
-        if batch_size <= 0:
-            raise StageError(f"batch_size must be > 0, got {batch_size}")
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        return DataLoader(
-            self.split(split), batch_size=batch_size, shuffle=shuffle, generator=generator,
-            num_workers=0,
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+    ) -> EpochLoader:
+        """This process's loader of a split; the order depends only on (seed, epoch).
+
+        `batch_size` is the global batch: with `world_size` processes this rank gets its
+        share (see `stages.data.loading`). Call `set_epoch(e)` on the result before each pass
+        (epoch e shuffles with seed + e). Workers and pinning follow `self.loading`
+        (`data.num_workers` etc.; pinning only when `device` is CUDA).
+        """
+        opts = self.loading
+        return make_loader(
+            self.split(split), batch_size, shuffle=shuffle, seed=seed, rank=rank,
+            world_size=world_size, device=device,
+            num_workers=None if opts.num_workers == "auto" else opts.num_workers,
+            pin_memory=opts.pin_memory, persistent_workers=opts.persistent_workers,
+            prefetch_factor=opts.prefetch_factor,
         )
 
     def tensors(self, split: str, limit: int | None = None) -> tuple[Tensor, Tensor]:

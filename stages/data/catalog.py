@@ -8,8 +8,6 @@ downloaded or written to disk.
 from __future__ import annotations
 
 import functools
-import importlib
-import pickle
 import random
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
@@ -17,11 +15,13 @@ from typing import Any, Callable, Mapping, TypeVar
 import numpy as np
 import torch
 from pydantic import Field, ValidationError, field_validator
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from optg.registry import Registry
 from stages.base import StageError, StrictModel
-from stages.data.bundle import DataBundle, DataConfig, bundle_from_arrays, split_arrays
+from stages.data.bundle import DataBundle, DataConfig, bundle_from_arrays
+from stages.data.imagefolder import load_imagefolder
+from stages.safe_pickle import restricted_load
 
 DatasetFactory = Callable[[DataConfig, int], DataBundle]
 
@@ -236,9 +236,13 @@ class Cifar10Options(StrictModel):
 class AugmentedTensorDataset(Dataset):
     """Image tensors with the standard CIFAR augmentation (pad-4 random crop, random flip).
 
-    Draws from torch's global RNG, so it is reproducible under torch.manual_seed with
-    num_workers=0. `tensors` exposes the un-augmented data like TensorDataset does.
+    The loader fetches whole batches with `get_batch`: one vectorised gather, each sample's
+    crop offsets and flip read off its own seed (`stages.data.loading`), so a batch does not
+    depend on workers or ranks. Indexing one sample draws its seed from torch's global RNG.
+    `tensors` exposes the un-augmented data like TensorDataset does.
     """
+
+    augments = True
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, pad: int = 4) -> None:
         self.tensors = (x, y)
@@ -247,21 +251,34 @@ class AugmentedTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.tensors[1])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.tensors[0][index], self.tensors[1][index]
-        _, h, w = x.shape
+    def get_batch(
+        self, indices: torch.Tensor, seeds: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.tensors[0][indices], self.tensors[1][indices]
+        if seeds is None:
+            return x, y
+        n, _, h, w = x.shape
+        span = 2 * self.pad + 1  # the seed's mixed-radix digits: top, left, flip
+        top, left = seeds % span, (seeds // span) % span
+        flip = ((seeds // (span * span)) % 2).bool()
         padded = torch.nn.functional.pad(x, (self.pad,) * 4)
-        top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
-        x = padded[:, top : top + h, left : left + w]
-        if torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, y
+        rows = (top[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (left[:, None] + torch.arange(w))
+        cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+        batch = torch.arange(n)[:, None, None, None]
+        channel = torch.arange(x.shape[1])[None, :, None, None]
+        return padded[batch, channel, rows, cols], y
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = torch.randint(0, 2**62, (1,))
+        x, y = self.get_batch(torch.tensor([index]), seed)
+        return x[0], y[0]
 
 
 def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with file.open("rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            batch = restricted_load(fh, source=str(file))
         data = batch.get(b"data", batch.get("data"))
         labels = batch.get(b"labels", batch.get("labels"))
     except Exception as exc:
@@ -318,10 +335,6 @@ def cifar10(cfg: DataConfig, seed: int) -> DataBundle:
 
 # --------------------------------------------------------------------------- imagefolder
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 class ImageFolderOptions(StrictModel):
     image_size: int = Field(224, gt=0, description="crop size fed to the model")
     resize: int = Field(256, gt=0, description="eval: resize shorter side, then center-crop")
@@ -330,7 +343,8 @@ class ImageFolderOptions(StrictModel):
 
 @DATASETS.register("imagefolder")
 def imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
-    """ImageNet-style `path/train/<class>/*` and `path/val/<class>/*` (needs torchvision).
+    """ImageNet-style `path/train/<class>/*` and `path/val/<class>/*`, decoded lazily per
+    sample (in the loader's workers) with Pillow; see `stages.data.imagefolder`.
 
     With a `path/test/` folder: val = val/, test = test/. Without one, val/ is the held-out
     test set (as ImageNet results are reported on it) and val is carved from train by
@@ -338,51 +352,5 @@ def imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     """
     opts = parse_options("imagefolder", ImageFolderOptions, cfg.options)
     root = _need_path("imagefolder", cfg, "a root with train/ and val/ class folders")
-    try:
-        tv_datasets = importlib.import_module("torchvision.datasets")
-        transforms = importlib.import_module("torchvision.transforms")
-    except ImportError as exc:
-        raise StageError(
-            "dataset 'imagefolder' needs torchvision, which is not installed; "
-            "install optg-pipeline[vision]"
-        ) from exc
-    for sub in ("train", "val"):
-        if not (root / sub).is_dir():
-            raise StageError(f"dataset 'imagefolder': missing folder {str(root / sub)!r}")
-    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    eval_tf = transforms.Compose([
-        transforms.Resize(opts.resize), transforms.CenterCrop(opts.image_size),
-        transforms.ToTensor(), normalise,
-    ])
-    train_tf = transforms.Compose([
-        transforms.RandomResizedCrop(opts.image_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), normalise,
-    ]) if opts.augment else eval_tf
-
-    train_aug = tv_datasets.ImageFolder(str(root / "train"), transform=train_tf)
-    classes = train_aug.classes
-
-    def folder(sub: str) -> Dataset:
-        ds = tv_datasets.ImageFolder(str(root / sub), transform=eval_tf)
-        if ds.classes != classes:
-            raise StageError(
-                f"dataset 'imagefolder': classes in {sub}/ differ from train/ "
-                f"({len(ds.classes)} vs {len(classes)} folders)"
-            )
-        return ds
-
-    if (root / "test").is_dir():
-        train: Dataset = train_aug
-        val, test = folder("val"), folder("test")
-    else:
-        test = folder("val")
-        targets = np.asarray(train_aug.targets)
-        index = np.arange(len(targets))
-        (keep, _), (carve, _) = split_arrays(index, targets, cfg.val_fraction, seed)
-        train = Subset(train_aug, keep.tolist())
-        train_eval = tv_datasets.ImageFolder(str(root / "train"), transform=eval_tf)
-        val = Subset(train_eval, carve.tolist())
-    return DataBundle(
-        name="imagefolder", train=train, val=val, test=test,
-        input_shape=(3, opts.image_size, opts.image_size), num_classes=len(classes),
-    )
+    return load_imagefolder(root, image_size=opts.image_size, resize=opts.resize,
+                            augment=opts.augment, val_fraction=cfg.val_fraction, seed=seed)

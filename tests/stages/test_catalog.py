@@ -260,8 +260,19 @@ def test_cifar10_missing_batches_are_listed(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- imagefolder
 
 
-def test_imagefolder_without_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagefolder_needs_no_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
     for module in ("torchvision", "torchvision.datasets", "torchvision.transforms"):
         monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(StageError, match=r"needs torchvision.*install optg-pipeline\[vision\]"):
-        _load("imagefolder", path=str(tmp_path))
+    for split, count in (("train", 10), ("val", 2)):
+        for label in ("cat", "dog"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(folder / f"{i}.jpg")
+    bundle = _load("imagefolder", path=str(tmp_path), options={"image_size": 16, "resize": 20})
+    assert _sizes(bundle) == (18, 2, 4) and bundle.num_classes == 2
+    assert bundle.tensors("test")[0].shape == (4, 3, 16, 16)
+    with pytest.raises(StageError, match="missing folder"):
+        _load("imagefolder", path=str(tmp_path / "nowhere"))

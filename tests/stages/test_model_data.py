@@ -176,9 +176,9 @@ def test_weights_file_errors(tmp_path: Path) -> None:
     cfg = ModelConfig(name="small_cnn", weights=str(tmp_path / "none.safetensors"))
     with pytest.raises(StageError, match="weights file not found.*none.safetensors"):
         build_model(cfg, (1, 8, 8), 10)
-    (tmp_path / "w.bin").write_bytes(b"x")
-    with pytest.raises(StageError, match="unknown extension '.bin'; use .safetensors, .pt or .pth"):
-        build_model(ModelConfig(name="small_cnn", weights=str(tmp_path / "w.bin")), (1, 8, 8), 10)
+    (tmp_path / "w.onnx").write_bytes(b"x")
+    with pytest.raises(StageError, match="unknown extension ..onnx.; use .safetensors or a torch.save file"):
+        build_model(ModelConfig(name="small_cnn", weights=str(tmp_path / "w.onnx")), (1, 8, 8), 10)
     (tmp_path / "w.pt").write_bytes(b"garbage")
     with pytest.raises(StageError, match="cannot read weights file"):
         build_model(ModelConfig(name="small_cnn", weights=str(tmp_path / "w.pt")), (1, 8, 8), 10)

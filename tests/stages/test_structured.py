@@ -35,10 +35,7 @@ QUIET = {"log": lambda _msg: None}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
-    try:  # the model zoo may live in stages/ or pipeline/ depending on the branch
-        from stages.models import MODELS  # type: ignore[import-not-found]
-    except ImportError:
-        from pipeline.models import MODELS
+    from stages.zoo import MODELS
     torch.manual_seed(seed)
     return MODELS.get(name)(SHAPES[name], 10)
 
