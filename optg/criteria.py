@@ -49,11 +49,12 @@ class LearnedScores:
     masking._ScoreSTE) and it lives outside the model's parameters.
 
     init `zeros` (the authors'); `magnitude`: a prior from the weights it starts from,
-    `scale * |w| / mean(|w|)` per layer (a layer's mean prior is `scale`), so that on a trained
-    network removing a large weight takes accumulated evidence rather than one epoch of noise.
-    `live`: the same prior, but taken from the current weights at every mask update: masks
-    rank `s + scale * |w| / mean(|w|)` with `s` the learned score (zero-initialised), so the
-    prior follows the weights as they move (a pruned weight, which only decays, loses it).
+    `scale * |w| / mean(|w0|)`, the mean over every target weight at attach (so the prior
+    averages `scale` and ranks like global magnitude pruning), so that on a trained network
+    removing a large weight takes accumulated evidence rather than one epoch of noise.
+    `live`: the same prior, but of the current weights at every mask update: masks rank
+    `s + scale * |w| / mean(|w0|)` with `s` the learned score (zero-initialised), so the prior
+    follows the weights as they move (a pruned weight, which only decays, loses it).
     """
 
     learned = True
@@ -62,7 +63,7 @@ class LearnedScores:
     def __init__(self, init: Literal["zeros", "magnitude", "live"] = "zeros", scale: float = 1.0) -> None:
         if init not in ("zeros", "magnitude", "live"):
             raise ValueError(f"score init must be 'zeros', 'magnitude' or 'live', got {init!r}")
-        self.init, self.scale = init, scale
+        self.init, self.scale, self.unit = init, scale, 1.0
         self.tensors: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -70,6 +71,11 @@ class LearnedScores:
         return cls(init=spec.score_init, scale=spec.score_init_scale)
 
     def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None:
+        self.unit = 1.0
+        if self.init != "zeros" and weights:
+            total = sum(w.detach().abs().sum() for w in weights.values())
+            count = sum(w.numel() for w in weights.values())
+            self.unit = max(float(total) / count, torch.finfo(torch.float32).tiny)
         self.tensors = {name: self._initial(w).requires_grad_(True) for name, w in weights.items()}
 
     def _initial(self, weight: torch.Tensor) -> torch.Tensor:
@@ -78,8 +84,7 @@ class LearnedScores:
         return self._prior(weight)
 
     def _prior(self, weight: torch.Tensor) -> torch.Tensor:
-        magnitude = weight.detach().abs()
-        return self.scale * magnitude / magnitude.mean().clamp_min(torch.finfo(magnitude.dtype).tiny)
+        return weight.detach().abs() * (self.scale / self.unit)
 
     def ranking(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """What masks rank: the learned scores, plus the live prior with init `live`."""

@@ -91,8 +91,8 @@ class GuardSpec(BaseModel):
 # length in steps is `warmup_steps(...)`.
 PRETRAINED: dict[str, Any] = {
     "score_lr_coupled": False,
-    "score_init": "magnitude",
-    "score_init_scale": 1.0,
+    "score_init": "live",
+    "score_init_scale": 0.1,
     "guard": {"batches": 2, "threshold": 0.5},
 }
 PRETRAINED_WARMUP = (0.1, 500)  # warm-up = min(10% of the sparse phase's steps, 500 steps)
@@ -138,9 +138,9 @@ class SparsitySpec(BaseModel):
     score_lr_coupled: bool = Field(True, description="learned scores: lr follows p(e)/p_target (authors); "
                                    "False: lr = score_lr_factor * weight lr throughout")
     score_init: Literal["zeros", "magnitude", "live"] = Field(
-        "zeros", description="learned scores start at 0, or at score_init_scale * |w| / mean(|w|) per layer "
-                             "(magnitude), or masks rank scores + that prior of the current weights (live)")
-    score_init_scale: float = Field(1.0, ge=0, description="magnitude prior: scale of |w| / mean(|w|)")
+        "zeros", description="learned scores start at 0, or at score_init_scale * |w| / mean |w| over all "
+                             "targets (magnitude), or masks rank scores + that prior of the current weights (live)")
+    score_init_scale: float = Field(1.0, ge=0, description="magnitude prior: scale of |w| / mean |w|")
     score_normalization: Literal["none", "layer"] = Field(
         "none", description="ranking: raw scores, or each layer's scores / their mean |score|")
     max_swap_fraction: float | None = Field(None, ge=0, le=1, description="a mask update revives at most "

@@ -67,17 +67,31 @@ def test_scores_learn_during_the_warmup_with_the_lr_decoupled_from_the_schedule(
         float(l.scores.detach().abs().sum()) for l in sp.layers)
 
 
-def test_magnitude_prior_is_scale_times_abs_w_over_the_layer_mean():
-    w = torch.tensor([[1.0, -2.0, 0.0, 5.0], [-4.0, 0.5, 3.0, -0.5]])  # mean |w| = 2
+def test_magnitude_prior_is_scale_times_abs_w_over_the_mean_of_all_targets():
+    w = torch.tensor([[1.0, -2.0, 0.0, 5.0], [-4.0, 0.5, 3.0, -0.5]])
+    v = torch.tensor([[2.0, -2.0]])  # mean |w| over both layers: 20 / 10 = 2
     criterion = LearnedScores(init="magnitude", scale=3.0)
-    criterion.setup({"fc": w}, seed=0)
-    s = criterion.scores("fc", w)
+    criterion.setup({"a": w, "b": v}, seed=0)
+    s = criterion.scores("a", w)
     assert torch.equal(s.detach(), torch.tensor([[1.5, 3.0, 0.0, 7.5], [6.0, 0.75, 4.5, 0.75]]))
+    assert torch.equal(criterion.scores("b", v).detach(), torch.tensor([[3.0, 3.0]]))
     assert s.requires_grad
     assert torch.equal(s.argsort(), w.abs().argsort())  # ranks exactly as |w|
+    assert torch.equal(criterion.ranking("a", w * 0), s.detach())  # fixed at attach
     criterion = LearnedScores()
-    criterion.setup({"fc": w}, seed=0)
-    assert torch.equal(criterion.scores("fc", w).detach(), torch.zeros_like(w))
+    criterion.setup({"a": w}, seed=0)
+    assert torch.equal(criterion.scores("a", w).detach(), torch.zeros_like(w))
+
+
+def test_live_prior_ranks_learned_scores_plus_the_current_magnitude():
+    w = torch.tensor([[1.0, -2.0, 0.0, 5.0], [-4.0, 0.5, 3.0, -0.5]])  # mean |w| = 2
+    criterion = LearnedScores(init="live", scale=2.0)
+    criterion.setup({"a": w}, seed=0)
+    assert torch.equal(criterion.scores("a", w).detach(), torch.zeros_like(w))  # learned part starts at 0
+    with torch.no_grad():
+        criterion.scores("a", w).add_(1.0)
+    moved = w * 2  # the prior follows the weights; its unit stays the mean at attach
+    assert torch.equal(criterion.ranking("a", moved), 1.0 + 2.0 * moved.abs() / 2.0)
 
 
 def test_swap_bound_is_honoured_exactly():
