@@ -40,6 +40,7 @@ from stages.io import atomic_torch_save
 
 from optg.schedules import SigmoidSchedule
 from stages.data import DataBundle, DataConfig, load_data
+from stages.io import atomic_write_text
 from stages.model import ModelConfig, build_model
 from stages.sparsify import SparsityConfig, build_sparsifier, calibrate_if_needed
 from stages.train import OptimizerConfig, TrainConfig, Trainer, evaluate
@@ -137,9 +138,7 @@ class RunCache:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.runs = {**self._read(), key: record}
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.runs, indent=0, sort_keys=True))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(self.runs, indent=0, sort_keys=True))
         finally:
             os.close(lock)
 

@@ -36,7 +36,7 @@ class Schedule(Protocol):
 
 
 SCHEDULES: Registry[type] = Registry("schedule")
-_STRICT = ConfigDict(extra="forbid")
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def schedule_settings(cls: type) -> list[str]:
@@ -66,10 +66,10 @@ class SigmoidSchedule:
     """
 
     one_shot: ClassVar[bool] = False
-    epochs: int = Field(ge=1)
-    beta: float | None = Field(default=None, gt=0)
-    center: float | None = None
-    final_epochs: int | None = Field(default=None, ge=1)
+    epochs: int = Field(strict=True, ge=1)
+    beta: float | None = Field(strict=True, default=None, gt=0)
+    center: float | None = Field(strict=True, default=None)
+    final_epochs: int | None = Field(strict=True, default=None, ge=1)
 
     def __post_init__(self) -> None:
         if self.beta is None:
@@ -102,9 +102,9 @@ class CubicSchedule:
     """
 
     one_shot: ClassVar[bool] = False
-    epochs: int = Field(ge=1)
-    start: float = Field(default=0.0, ge=0)
-    end: float | None = Field(default=None, gt=0)
+    epochs: int = Field(strict=True, ge=1)
+    start: float = Field(strict=True, default=0.0, ge=0)
+    end: float | None = Field(strict=True, default=None, gt=0)
 
     def __post_init__(self) -> None:
         if self.end is None:
@@ -134,7 +134,7 @@ class ConstantSchedule:
     """The full target from the first step, mask fixed once (SNIP, random, one-shot/ASP)."""
 
     one_shot: ClassVar[bool] = True
-    epochs: int = Field(default=0, ge=0)
+    epochs: int = Field(strict=True, default=0, ge=0)
 
     def fraction(self, progress: float) -> float:
         return 1.0

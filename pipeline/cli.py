@@ -9,12 +9,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline.exit_codes import EXIT_ERROR, EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too; keep its message short
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 too; keep its message short
         self.print_usage(sys.stderr)
         print(f"optg: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -60,13 +61,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.print_config:
         print(dump_yaml(cfg), end="")
-    print(f"{args.config}: ok ({cfg.sparsity.method}, {cfg.sparsity.pattern}"
-          f"{'' if cfg.sparsity.target is None else f' at {cfg.sparsity.target}'}; config hash {config_hash(cfg)[:12]})")
+    target = "" if cfg.sparsity.target is None else f" at {cfg.sparsity.target}"
+    print(f"{args.config}: ok ({cfg.sparsity.method}, {cfg.sparsity.pattern}{target}; "
+          f"config hash {config_hash(cfg)[:12]})")
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import RunOptions, Runner
+    from pipeline.runner import Runner, RunOptions
     from stages.base import GateFailure
 
     cfg = _load(args)
@@ -79,10 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"optg: gate failed ({exc.gate}): {exc}", file=sys.stderr)
         print(f"optg: see {runner.run.path / 'report.md'} and manifest.json", file=sys.stderr)
         return EXIT_GATE
-    m = manifest["metrics"]
-    summary = {"status": manifest["status"], "run_dir": str(runner.run.path),
-               "dense_accuracy": m.get("dense_accuracy"), "sparse_accuracy": m.get("sparse_accuracy"),
-               "targeted_sparsity": m.get("targeted_sparsity"), "parity_max_abs_error": m.get("parity_max_abs_error")}
+    m = manifest.metrics
+    summary = {"status": manifest.status, "run_dir": str(runner.run.path),
+               "dense_accuracy": m.dense_accuracy, "sparse_accuracy": m.sparse_accuracy,
+               "targeted_sparsity": m.targeted_sparsity, "parity_max_abs_error": m.parity_max_abs_error}
     if not args.quiet:
         print(json.dumps(summary, indent=2))
     return EXIT_OK

@@ -129,7 +129,8 @@ _Loader.yaml_implicit_resolvers = {
     for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
 }
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
     list("-+0123456789"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -177,7 +178,7 @@ with warnings.catch_warnings():
         model: ModelConfig
         train: TrainConfig | None = None
         sparsity: SparsityConfig
-        validate: ValidateConfig = ValidateConfig()
+        validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # shadows BaseModel.validate
         export: ExportConfig = ExportConfig()
         verify: VerifyConfig = VerifyConfig()
         report: ReportConfig = ReportConfig()
@@ -322,7 +323,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if raw is None:
         raise ConfigError(["config file is empty; it needs at least name, data, model and sparsity"], source)
     if not isinstance(raw, dict):
-        raise ConfigError([f"config must be a mapping of keys (name: ..., data: ...), got a {type(raw).__name__}"], source)
+        raise ConfigError([f"config must be a mapping of keys (name: ..., data: ...), "
+                           f"got a {type(raw).__name__}"], source)
     raw = apply_overrides(raw, overrides or [])
     return validate_config(raw, source)
 

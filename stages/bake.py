@@ -1,9 +1,9 @@
 """The bake stage: masks into plain weights (exact zeros), saved as safetensors."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -11,25 +11,54 @@ import optg
 from stages.io import atomic_write
 
 
-@dataclass
-class BakeResult:
-    layers: list[optg.LayerReport]
+class BakedLayer(BaseModel):
+    """One layer after bake: the library's report plus `parameter`, the state-dict name of the
+    weight the pattern applies to (what the ONNX file is checked against)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str            # module name
+    type: str            # module class, e.g. "Conv2d"
+    shape: list[int]
+    numel: int
+    targeted: bool
+    pattern: str         # "N:M", "unstructured" or "dense"
+    sparsity: float
+    reason: str
+    parameter: str       # e.g. "features.0.weight"
+
+
+class BakeResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[BakedLayer]
     targeted_sparsity: float   # zeros / weights over the sparsified layers
     model_sparsity: float      # zeros / weights over every Linear/Conv weight
-
-    def to_dict(self) -> dict:
-        return {"targeted_sparsity": self.targeted_sparsity, "model_sparsity": self.model_sparsity,
-                "layers": [r.to_dict() for r in self.layers]}
 
 
 def bake(sparsifier: optg.Sparsifier) -> BakeResult:
     """Bake in place; the model is plain afterwards (no overrides, no extra tensors)."""
     sparsifier.bake()
-    return summarize(sparsifier.report())
+    return summarize(sparsifier.report(), sparsifier.model)
 
 
-def summarize(rows: list[optg.LayerReport]) -> BakeResult:
-    return BakeResult(rows, optg.weighted_sparsity([r for r in rows if r.targeted]), optg.weighted_sparsity(rows))
+def summarize(rows: list[optg.LayerReport], model: nn.Module) -> BakeResult:
+    """Typed layer rows with their weight's parameter name, and the weighted sparsities."""
+    layers = [BakedLayer(name=r.name, type=r.type, shape=list(r.shape), numel=r.numel, targeted=r.targeted,
+                         pattern=str(r.pattern), sparsity=r.sparsity, reason=r.reason,
+                         parameter=weight_name(model, r.name)) for r in rows]
+    return BakeResult(layers=layers, targeted_sparsity=optg.weighted_sparsity([r for r in rows if r.targeted]),
+                      model_sparsity=optg.weighted_sparsity(rows))
+
+
+def weight_name(model: nn.Module, module_name: str) -> str:
+    """The state-dict name under which `model` holds the weight of module `module_name`
+    (found by identity, so shared or re-registered weights get their real name)."""
+    weight = model.get_submodule(module_name).weight
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param is weight:
+            return name
+    raise ValueError(f"module {module_name!r} has no registered weight parameter")
 
 
 def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:

@@ -1,7 +1,13 @@
-"""What every stage shares: the strict config base class and the errors a stage may raise."""
+"""What every stage shares: the strict config base class, the errors a stage may raise, and the
+eval-mode helper every stage that runs a model for inference uses."""
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 
 class StrictModel(BaseModel):
@@ -17,19 +23,83 @@ class StrictModel(BaseModel):
                               allow_inf_nan=False)
 
 
+@dataclass(frozen=True)
+class FieldProblem:
+    """One problem traced to a field of a stage's config.
+
+    `field` is dotted inside the stage's own config ("optimizer.lr"); `text` says what is wrong and
+    writes "{field}" where the field is named. Stages do not know where their config sits in the
+    YAML file; the pipeline renders the problem with the section ("sparsity.optimizer.lr").
+    """
+
+    field: str
+    text: str
+
+    def render(self, section: str | None = None) -> str:
+        return self.text.replace("{field}", f"{section}.{self.field}" if section else self.field)
+
+
+class _Locatable:
+    """Mixin for errors whose message names config fields: `locate(section)` re-renders it with
+    the config section the pipeline knows the stage's config lives under."""
+
+    problems: tuple[FieldProblem, ...]
+    preamble: str
+    section: str | None
+
+    def _render(self) -> str:
+        parts = [p.render(self.section) for p in self.problems]
+        if self.preamble:
+            parts.insert(0, self.preamble)
+        return "; ".join(parts)
+
+    def locate(self, section: str) -> None:
+        self.section = section
+        self.args = (self._render(),)
+
+
 class StageError(RuntimeError):
     """A stage could not do its work (bad data file, export failure...). Exit code 1."""
 
 
-class GateFailure(RuntimeError):
+class ConfigFieldError(_Locatable, StageError):
+    """A stage failed because of one of its config values (e.g. a learning rate that makes the
+    loss diverge). Exit code 1, like any StageError; the message names the field."""
+
+    def __init__(self, problem: FieldProblem) -> None:
+        self.problems, self.preamble, self.section = (problem,), "", None
+        super().__init__(self._render())
+
+    @property
+    def field(self) -> str:
+        return self.problems[0].field
+
+
+class GateFailure(_Locatable, RuntimeError):
     """A release gate failed: accuracy drop, ONNX parity, N:M pattern. Exit code 3.
 
-    `gate` names the gate; the message names the node/tensor/metric at fault.
+    `gate` names the gate; the message names the node/tensor/metric at fault, and `problems`
+    the config fields (limits) that were exceeded, if any.
     """
 
-    def __init__(self, gate: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, gate: str, message: str = "", problems: Sequence[FieldProblem] = ()) -> None:
         self.gate = gate
+        self.problems, self.preamble, self.section = tuple(problems), message, None
+        super().__init__(self._render())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module of `model` in eval mode for the block, then give each module back the
+    mode it had (a model may mix modes, e.g. frozen BatchNorm inside a training model), also
+    when the block raises."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 def missing_extra(what: str, exc: ImportError, extra: str) -> StageError:

@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -37,8 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import field_validator
 from torch import nn
 
+from stages.base import StageError, StrictModel, eval_mode
 from stages.io import atomic_write
-from stages.base import StageError, StrictModel
 
 COMPACT_MIN_SPARSITY = 0.5
 _COMPACT_MIN_NUMEL = 64  # tiny tensors are not worth an index array
@@ -75,6 +75,9 @@ class ExportConfig(StrictModel):
 
 @dataclass
 class ExportResult:
+    """What export wrote, everything verify needs to check it: the files, the dtype of their
+    weights and the graph's input/output names as they are in the file."""
+
     path: Path
     exporter: str
     seconds: float
@@ -82,6 +85,10 @@ class ExportResult:
     warnings: list[str]
     compact_path: Path | None
     compact_size_bytes: int | None
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    opset: int = 18
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: ExportConfig,
@@ -95,10 +102,9 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
     if cfg.dynamic_batch and example.shape[0] == 1:
         # torch.export specialises a batch of 1 to a constant; trace with 2 to keep it symbolic
         example = example.repeat(2, *([1] * (example.dim() - 1)))
-    exporters = ["dynamo", "torchscript"] if cfg.exporter == "auto" else [cfg.exporter]
+    exporters: list[str] = ["dynamo", "torchscript"] if cfg.exporter == "auto" else [cfg.exporter]
 
-    training = {m: m.training for m in model.modules()}
-    try:
+    with eval_mode(model):
         if cfg.dtype == "fp16":
             work = copy.deepcopy(model).half().eval()
             half = example.half() if example.is_floating_point() else example
@@ -112,17 +118,17 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
                     proto = convert_float_type(proto, TensorProto.FLOAT, TensorProto.FLOAT16)
                 errors += errors32
         else:
-            work = model.eval() if _is_fp32(model) else copy.deepcopy(model).float().eval()
+            work = model if _is_fp32(model) else copy.deepcopy(model).float().eval()
             proto, used, errors = _try_exporters(work, _as_fp32(example), cfg, exporters, notes)
-    finally:
-        for module, flag in training.items():
-            module.train(flag)
     if proto is None:
         raise StageError("ONNX export failed: " + " | ".join(errors))
 
     props = {**{str(k): str(v) for k, v in metadata.items()}, "exporter": used, "dtype": cfg.dtype,
              "opset": str(cfg.opset)}
     set_metadata(proto, props)
+    initializers = {t.name for t in proto.graph.initializer}
+    input_names = [i.name for i in proto.graph.input if i.name not in initializers]
+    output_names = [o.name for o in proto.graph.output]
     compact = make_compact(proto) if cfg.compact else None  # before saving: external data mutates proto
     atomic_save(proto, path)
 
@@ -133,7 +139,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
         compact_size = compact_path.stat().st_size
     return ExportResult(path=path, exporter=used, seconds=time.perf_counter() - start,
                         size_bytes=path.stat().st_size, warnings=notes, compact_path=compact_path,
-                        compact_size_bytes=compact_size)
+                        compact_size_bytes=compact_size, dtype=cfg.dtype, opset=cfg.opset,
+                        input_names=input_names, output_names=output_names)
 
 
 def _as_fp32(example: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ read by `stages.checkpoints`.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Sequence

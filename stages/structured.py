@@ -45,7 +45,7 @@ import torch_pruning as tp  # type: ignore[import-untyped]
 from pydantic import Field, model_validator
 from torch import nn
 
-from stages.base import StageError, StrictModel
+from stages.base import StageError, StrictModel, eval_mode
 from stages.data import DataBundle
 from stages.report import count_macs_and_params
 from stages.structured_importance import (
@@ -271,13 +271,10 @@ def detect_stem_and_classifier(model: nn.Module, example_input: torch.Tensor) ->
     order: list[str] = []
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
                for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input[:1])
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     modules = dict(model.named_modules())

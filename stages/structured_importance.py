@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call
 
 from optg import Registry, SigmoidSchedule
-from stages.base import StageError
+from stages.base import StageError, eval_mode
 from stages.structured_plan import WEIGHTED
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -221,13 +221,11 @@ def _magnitude(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 def _taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     batches = _need_batches(ctx, "taylor")
     model = ctx.model
-    was_training = model.training
-    model.eval()
     model.zero_grad(set_to_none=True)
     device = _device(model)
-    for x, y in itertools.islice(batches, ctx.taylor_batches):
-        ctx.loss_fn(model(x.to(device)), y.to(device)).backward()
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in itertools.islice(batches, ctx.taylor_batches):
+            ctx.loss_fn(model(x.to(device)), y.to(device)).backward()
     try:
         return _by_root(ctx, tp.importance.GroupTaylorImportance())
     finally:

@@ -19,12 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from optg import LossGuard, Sparsifier
-from stages.base import StageError, StrictModel
+from stages.base import ConfigFieldError, FieldProblem, StageError, StrictModel, eval_mode
 from stages.data import DataBundle
 from stages.data.loading import EpochLoader
 
-
-CONFIG_KEYS = {"dense": "train", "sparse": "sparsity"}  # phase -> its config section, for messages
 PHASE_SEEDS = {"dense": 1, "sparse": 2}  # offsets so each phase's random stream is its own
 Beta = Annotated[float, Strict(), Field(ge=0, lt=1)]
 
@@ -117,15 +115,13 @@ def count_correct(model: nn.Module, loader: EpochLoader, device: torch.device,
 
     Counts stay on the device: one host sync when the caller reads them, none per batch.
     """
-    was_training = model.training
-    model.eval()
     counts = torch.zeros(2, dtype=torch.long, device=device)
-    for x, y in loader:
-        y = y.to(device, non_blocking=True)
-        logits = model(to_device(x, device, channels_last))
-        counts[0] += (logits.argmax(1) == y).sum()
-        counts[1] += y.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in loader:
+            y = y.to(device, non_blocking=True)
+            logits = model(to_device(x, device, channels_last))
+            counts[0] += (logits.argmax(1) == y).sum()
+            counts[1] += y.numel()
     return counts
 
 
@@ -156,17 +152,27 @@ def evaluate(model: nn.Module, bundle: DataBundle, split: str, device: torch.dev
     return correct / total if total else None
 
 
+StepHook = Callable[["Trainer", int, int], None]
+"""Called after every optimiser step with (trainer, epoch, step), both 1-based."""
+
+
 class Trainer:
-    """Runs epochs [next_epoch, cfg.epochs) of one phase, optionally with a sparsifier."""
+    """Runs epochs [next_epoch, cfg.epochs) of one phase, optionally with a sparsifier.
+
+    `on_step` (optional) is called after every optimiser step; the pipeline uses it only for its
+    documented debug hook that interrupts a run at an exact step (README, "The tests").
+    """
 
     def __init__(self, model: nn.Module, bundle: DataBundle, cfg: TrainConfig, *, phase: str,
                  device: torch.device, seed: int, batch_size: int, eval_batch_size: int = 256,
                  sparsifier: Sparsifier | None = None, progress: bool = False,
-                 log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1) -> None:
+                 log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
+                 on_step: StepHook | None = None) -> None:
         self.model, self.bundle, self.cfg, self.phase = model, bundle, cfg, phase
         self.device, self.seed, self.batch_size = device, seed, batch_size
         self.eval_batch_size = eval_batch_size
         self.sparsifier, self.progress, self.log = sparsifier, progress, log
+        self.on_step = on_step
         self.rank, self.world_size = rank, world_size
         self.optimizer = make_optimizer(model.parameters(), cfg.optimizer)
         # one loader per phase (persistent workers); epoch e shuffles with seed * 100_003 + e
@@ -280,7 +286,8 @@ class Trainer:
             self.history.append(record)
             self.next_epoch = epoch + 1
             self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
-                     f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} ({record.seconds:.1f}s)")
+                     f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} "
+                     f"({record.seconds:.1f}s)")
             for event in events:
                 if event.warning:
                     self.log(f"[{self.phase}] WARNING: {event.message()}")
@@ -301,9 +308,9 @@ class Trainer:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
             value = loss.item()
             if not math.isfinite(value):
-                raise StageError(f"{self.phase}: loss is {value} at epoch {epoch + 1}, step {step + 1}; "
-                                 f"lower {CONFIG_KEYS.get(self.phase, self.phase)}.optimizer.lr (now {self.cfg.optimizer.lr}) "
-                                 "or check the data")
+                raise ConfigFieldError(FieldProblem(
+                    "optimizer.lr", f"{self.phase}: loss is {value} at epoch {epoch + 1}, step {step + 1}; "
+                    f"lower {{field}} (now {self.cfg.optimizer.lr}) or check the data"))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip:
@@ -317,4 +324,6 @@ class Trainer:
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
             bar.set_postfix(loss=f"{value:.3f}")
+            if self.on_step is not None:
+                self.on_step(self, epoch + 1, step + 1)
         return loss_sum, int(correct), seen

@@ -1,11 +1,11 @@
 """The validate stage: accuracy of the baked model against the dense reference, gated."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from stages.base import GateFailure, StrictModel
+from stages.base import FieldProblem, GateFailure, StrictModel
 
 
 class ValidateConfig(StrictModel):
@@ -18,27 +18,33 @@ class ValidateConfig(StrictModel):
 
 @dataclass
 class ValidateResult:
+    """The measured accuracies and every gate they failed, each naming its config field."""
+
     dense_accuracy: float | None
     sparse_accuracy: float
     accuracy_drop: float | None
-    passed: bool
-    failures: list[str]
+    failures: list[FieldProblem] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    @property
+    def passed(self) -> bool:
+        return not self.failures
 
 
 def validate(sparse_accuracy: float, dense_accuracy: float | None, cfg: ValidateConfig) -> ValidateResult:
+    """Compare against the configured gates; every failed gate is listed, none is raised here."""
     failures = []
     drop = None if dense_accuracy is None else dense_accuracy - sparse_accuracy
     if cfg.max_accuracy_drop is not None and drop is not None and drop > cfg.max_accuracy_drop:
-        failures.append(f"accuracy dropped {drop * 100:.2f} points (dense {dense_accuracy:.4f} -> sparse "
-                        f"{sparse_accuracy:.4f}), over validate.max_accuracy_drop={cfg.max_accuracy_drop}")
+        failures.append(FieldProblem("max_accuracy_drop", (
+            f"accuracy dropped {drop * 100:.2f} points (dense {dense_accuracy:.4f} -> sparse "
+            f"{sparse_accuracy:.4f}), over {{field}}={cfg.max_accuracy_drop}")))
     if cfg.min_accuracy is not None and sparse_accuracy < cfg.min_accuracy:
-        failures.append(f"sparse accuracy {sparse_accuracy:.4f} is below validate.min_accuracy={cfg.min_accuracy}")
-    return ValidateResult(dense_accuracy, sparse_accuracy, drop, not failures, failures)
+        failures.append(FieldProblem("min_accuracy", (
+            f"sparse accuracy {sparse_accuracy:.4f} is below {{field}}={cfg.min_accuracy}")))
+    return ValidateResult(dense_accuracy, sparse_accuracy, drop, failures)
 
 
 def raise_on_failure(result: ValidateResult) -> None:
+    """GateFailure("accuracy") naming every failed gate; the pipeline adds the config section."""
     if not result.passed:
-        raise GateFailure("accuracy", "; ".join(result.failures))
+        raise GateFailure("accuracy", problems=result.failures)

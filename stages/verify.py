@@ -8,6 +8,10 @@ Default tolerances: fp32 atol 1e-4 / rtol 1e-3; fp16 atol 1e-2 / rtol 1e-2 (half
 and activations against the fp32 PyTorch reference). An element passes when
 |onnx - torch| <= atol + rtol * |torch| (numpy.allclose semantics).
 
+The export -> verify contract: `verify_onnx` takes the `ExportResult` that `stages.export` returned
+(file paths, compact sibling, weight dtype, graph input/output names) and checks the files against
+it; it never guesses a file name.
+
 PyTorch weights are found in the file by name first, then by the dynamo exporter's node metadata
 (the "%p_<param>" reference and module path of the consuming node, which survive the renaming of a
 Linear-on-3-D weight to "val_N"), then by node order among the remaining weights of the same
@@ -16,7 +20,7 @@ Linear-on-3-D weight to "val_N"), then by node order among the remaining weights
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,14 +29,13 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from optg.nm import parse_nm
-from stages.base import GateFailure, StrictModel
-from stages.export import convert_float_type
-from stages.onnx_sparsity import (OnnxWeight, check_nm, collect_weights, load_model,
-                                  weight_report)
+from stages.base import GateFailure, StrictModel, eval_mode
+from stages.export import ExportResult, convert_float_type
+from stages.onnx_sparsity import OnnxWeight, check_nm, collect_weights, load_model, weight_report
 
 DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # (atol, rtol)
 PARITY, PATTERN = "onnx_parity", "nm_pattern"
@@ -63,16 +66,32 @@ class LayerExpectation:
     sparsity: float
 
 
-@dataclass
-class VerifyResult:
+class VerifyResult(BaseModel):
+    """Every failure (prefixed by its gate), the per-output parity rows, one read-back row per ONNX
+    weight (the keys of `stages.onnx_sparsity.weight_report` plus the PyTorch match), and notes.
+    Rows hold JSON values only (non-finite floats as text)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     passed: bool
     failures: list[str]
-    outputs: list[dict]
-    layers: list[dict]
-    notes: list[str] = field(default_factory=list)
+    outputs: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    notes: list[str] = Field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+    @classmethod
+    def of(cls, failures: list[str], outputs: list[dict], layers: list[dict], notes: list[str]) -> "VerifyResult":
+        return cls(passed=not failures, failures=failures, outputs=_jsonable(outputs), layers=_jsonable(layers),
+                   notes=notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @property
+    def parity_max_abs_error(self) -> float | None:
+        """The largest output error of the dense file, None when no output was compared."""
+        errors = [o["max_abs_err"] for o in self.outputs if isinstance(o.get("max_abs_err"), (int, float))]
+        return max(errors) if errors else None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -96,11 +115,10 @@ def raise_on_failure(result: VerifyResult) -> None:
                       + "\n- ".join(result.failures))
 
 
-def verify_onnx(path: Path, model: nn.Module, inputs: torch.Tensor,
-                expectations: list[LayerExpectation], cfg: VerifyConfig,
-                dtype: str = "fp32") -> VerifyResult:
-    """Check the file at `path` against `model` on `inputs[:cfg.num_samples]`."""
-    path = Path(path)
+def verify_onnx(export: ExportResult, model: nn.Module, inputs: torch.Tensor,
+                expectations: list[LayerExpectation], cfg: VerifyConfig) -> VerifyResult:
+    """Check the files `export` wrote against `model` on `inputs[:cfg.num_samples]`."""
+    path, dtype = Path(export.path), export.dtype
     if dtype not in DEFAULT_TOLERANCES:
         raise ValueError(f"dtype must be one of {sorted(DEFAULT_TOLERANCES)}, got {dtype!r}")
     failures: list[str] = []
@@ -113,7 +131,8 @@ def verify_onnx(path: Path, model: nn.Module, inputs: torch.Tensor,
         proto = load_model(path)
     except Exception as exc:  # noqa: BLE001
         failures.append(f"{PARITY}: cannot load {path}: {_short(exc)}")
-        return VerifyResult(False, failures, [], [], notes)
+        return VerifyResult.of(failures, [], [], notes)
+    failures += [f"{PARITY}: {f}" for f in _interface_failures(proto, export)]
 
     atol, rtol = cfg.tolerances(dtype)
     weights = collect_weights(proto, base_dir=str(path.parent))
@@ -133,14 +152,26 @@ def verify_onnx(path: Path, model: nn.Module, inputs: torch.Tensor,
                            for f in parity_fail]
     failures += [f"{PARITY}: {f}" for f in parity_fail]
 
-    compact = path.with_name(path.stem + ".compact.onnx")
-    if compact.exists() and onnx_outs is not None:
-        failures += [f"{PARITY}: {f}" for f in _compact_parity(compact, feed, onnx_outs, atol, rtol, notes)]
+    compact = export.compact_path
+    if compact is not None and not Path(compact).is_file():
+        failures.append(f"{PARITY}: compact file {compact} reported by export is missing")
+    elif compact is not None and onnx_outs is not None:
+        failures += [f"{PARITY}: {f}" for f in _compact_parity(Path(compact), feed, onnx_outs, atol, rtol, notes)]
 
     if cfg.check_pattern:
         failures += [f"{PATTERN}: {f}" for f in _pattern_failures(
             expectations, matches, model, path.name, cfg.sparsity_tolerance, notes)]
-    return VerifyResult(not failures, failures, outputs, layers, notes)
+    return VerifyResult.of(failures, outputs, layers, notes)
+
+
+def _interface_failures(proto: onnx.ModelProto, export: ExportResult) -> list[str]:
+    """The file's graph inputs and outputs are the ones export reported writing."""
+    initializers = {t.name for t in proto.graph.initializer}
+    found = {"inputs": [i.name for i in proto.graph.input if i.name not in initializers],
+             "outputs": [o.name for o in proto.graph.output]}
+    expected = {"inputs": export.input_names, "outputs": export.output_names}
+    return [f"{Path(export.path).name} has graph {kind} {found[kind]}, export reported {expected[kind]}"
+            for kind in ("inputs", "outputs") if expected[kind] and found[kind] != expected[kind]]
 
 
 def _short(exc: BaseException, limit: int = 600) -> str:
@@ -299,15 +330,9 @@ def _torch_outputs(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str | N
     """Reference outputs in fp32, flattened to (name or None, array)."""
     ref = model if all(p.dtype == torch.float32 for p in model.parameters()) \
         else copy.deepcopy(model).float()
-    flags = {m: m.training for m in ref.modules()}
-    ref.eval()
-    try:
-        with torch.no_grad():
-            x = inputs.float() if inputs.is_floating_point() else inputs
-            result = ref(x)
-    finally:
-        for m, flag in flags.items():
-            m.train(flag)
+    with eval_mode(ref), torch.no_grad():
+        x = inputs.float() if inputs.is_floating_point() else inputs
+        result = ref(x)
     flat: list[tuple[str | None, np.ndarray]] = []
 
     def walk(obj: Any, name: str | None) -> None:

@@ -58,8 +58,7 @@ def _init_conv_bn(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             depthwise = m.groups > 1 and m.groups == m.in_channels
-            mode = "fan_in" if depthwise else "fan_out"
-            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode="fan_in" if depthwise else "fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -113,7 +112,8 @@ class ConvBase1d(nn.Module):
         self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
         out_len = length
         for conv in (self.conv1, self.conv2, self.conv3):
-            out_len = (out_len + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            pad = int(conv.padding[0])  # an int padding here, never "same"/"valid"
+            out_len = (out_len + 2 * pad - conv.kernel_size[0]) // conv.stride[0] + 1
         if out_len < 1:
             raise StageError(f"model 'cnn1d': input length {length} is too short (needs >= 3)")
         self.flatten = nn.Flatten()

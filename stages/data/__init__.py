@@ -10,8 +10,17 @@ from typing import Mapping, Sequence
 
 from optg.registry import UnknownNameError
 from stages.base import StageError
-from stages.data.bundle import (SPLITS, Arrays, DataBundle, DataConfig, LoaderOptions, bundle_from_arrays,
-                                split_arrays, to_dataset, validate_arrays)
+from stages.data.bundle import (
+    SPLITS,
+    Arrays,
+    DataBundle,
+    DataConfig,
+    LoaderOptions,
+    bundle_from_arrays,
+    split_arrays,
+    to_dataset,
+    validate_arrays,
+)
 from stages.data.catalog import DATASETS
 from stages.plugins import check_options, import_callable
 
@@ -52,8 +61,11 @@ def _load_plugin(cfg: DataConfig, seed: int) -> DataBundle:
             raise StageError(f"dataset {cfg.name!r}: plugin {key!r} must be an (x, y) pair")
         return value[0], value[1]
 
+    train = pair("train")
+    if train is None:
+        raise StageError(f"dataset {cfg.name!r}: plugin 'train' is None; it must be an (x, y) pair")
     return bundle_from_arrays(
-        cfg.name, cfg, seed, pair("train"), test=pair("test"), val=pair("val"),
+        cfg.name, cfg, seed, train, test=pair("test"), val=pair("val"),
         num_classes=result.get("num_classes"),
     )
 

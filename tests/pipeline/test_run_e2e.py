@@ -6,14 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from pipeline.cli import main
+from pipeline.config import ConfigError
+from pipeline.stage_table import DEBUG_SIGNAL_ENV, debug_signal_hook
 from stages.io import sha256_file
 
 
@@ -94,34 +96,37 @@ def _cli(cfg: Path, run: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--out", str(run), "--quiet"]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+INTERRUPT_EPOCH, INTERRUPT_STEP = 3, 5  # sparse phase: 6 epochs of 72 steps each
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+@pytest.mark.parametrize("how", ["KILL", "INT"], ids=["sigkill", "ctrl-c"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_config, how):
+    """The run signals itself after step 5 of sparse epoch 3 (the documented debug hook), so the
+    interruption lands mid-epoch every time; the resumed run equals an uninterrupted one."""
     cfg = _resume_config(tiny_config)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop(DEBUG_SIGNAL_ENV, None)
     reference = tmp_path / "reference"
     subprocess.run(_cli(cfg, reference), check=True, env=env, cwd=tmp_path)
 
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(cfg, run), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for(run / "checkpoints" / "sparse.pt", proc)  # at least one sparse epoch saved
-    time.sleep(0.3)  # now somewhere inside a later epoch
-    proc.send_signal(how)
-    out, err = proc.communicate(timeout=60)
-    if how == signal.SIGINT:
-        assert proc.returncode == 130, err.decode()
-        assert _manifest(run)["status"] == "interrupted"
+    at = f"sparse:{INTERRUPT_EPOCH}:{INTERRUPT_STEP}:{how}"
+    proc = subprocess.run(_cli(cfg, run), env={**env, DEBUG_SIGNAL_ENV: at}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert f"sending SIG{how} at sparse epoch {INTERRUPT_EPOCH} step {INTERRUPT_STEP}" in proc.stderr
+    if how == "INT":
+        assert proc.returncode == 130, proc.stderr
+        m = _manifest(run)
+        assert m["status"] == "interrupted" and m["stages"]["sparsify"]["status"] == "failed"
     else:
-        assert proc.returncode == -signal.SIGKILL
-    assert not (run / "model.safetensors").exists() or _manifest(run)["stages"].get("bake")
-    assert not list(run.rglob("*.tmp")) or how == signal.SIGKILL  # temp files only from a hard kill
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert _manifest(run)["status"] == "running"  # nobody could write anything after SIGKILL
+    # mid-epoch: epochs 1-2 are checkpointed, epoch 3 had started (step 5 of 72) and is lost
+    checkpoint = torch.load(run / "checkpoints" / "sparse.pt", weights_only=True)
+    assert checkpoint["next_epoch"] == INTERRUPT_EPOCH - 1
+    assert [h["epoch"] for h in checkpoint["history"]] == [0, 1]
+    assert not (run / "model.safetensors").exists()
+    assert not list(run.rglob("*.tmp")) or how == "KILL"  # temp files only from a hard kill
 
     subprocess.run(_cli(cfg, run), check=True, env=env, cwd=tmp_path)
     assert not list(run.rglob("*.tmp"))  # no half-written file survives the resume
@@ -130,3 +135,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_conf
     assert sha256_file(run / "model.safetensors") == sha256_file(reference / "model.safetensors")
     assert m["metrics"]["sparse_accuracy"] == ref["metrics"]["sparse_accuracy"]
     assert [h["val_accuracy"] for h in m["history"]] == [h["val_accuracy"] for h in ref["history"]]
+
+
+def test_debug_signal_hook_spec_is_checked():
+    assert debug_signal_hook("") is None
+    with pytest.raises(ConfigError, match="expected PHASE:EPOCH:STEP"):
+        debug_signal_hook("sparse:0:1")
+    with pytest.raises(ConfigError, match="expected PHASE:EPOCH:STEP"):
+        debug_signal_hook("warmup:1:1:INT")
+    with pytest.raises(ConfigError, match="expected PHASE:EPOCH:STEP"):
+        debug_signal_hook("sparse:1:1:NOPE")

@@ -1,6 +1,7 @@
 """Export + verify round trips on small baked models, tampering, fallbacks, and the GPU script."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -125,8 +126,11 @@ def exported(tmp_path_factory):
 
 
 def check(entry, path: Path | None = None, **cfg):
+    """Verify the exported files, or a tampered copy `path` of the dense one (no compact sibling)."""
     model, x, exps, res, dtype = entry
-    return verify_onnx(path or res.path, model, x, exps, VerifyConfig(**cfg), dtype=dtype)
+    if path is not None:
+        res = dataclasses.replace(res, path=path, compact_path=None)
+    return verify_onnx(res, model, x, exps, VerifyConfig(**cfg))
 
 
 @pytest.mark.parametrize("key", ["cnn2d", "cnn1d", "block", "cnn2d_u90", "block_fp16"])
@@ -264,7 +268,7 @@ def test_missing_weight_and_wrong_sparsity_are_named(exported):
     model, x, exps, res, dtype = exported["cnn2d_u90"]
     wrong = [LayerExpectation(e.torch_name, e.pattern, 0.5) if e.torch_name == "fc.weight" else e
              for e in exps] + [LayerExpectation("ghost.weight", "2:4", 0.5)]
-    result = verify_onnx(res.path, model, x, wrong, VerifyConfig(), dtype=dtype)
+    result = verify_onnx(res, model, x, wrong, VerifyConfig())
     text = "\n".join(result.failures)
     assert "ghost.weight" in text and "not found" in text
     assert "'fc.weight'" in text and "sparsity 0.9" in text
@@ -307,7 +311,7 @@ def test_torchscript_fallback_static_batch_and_fp16_conversion(tmp_path, monkeyp
     assert res.exporter == "torchscript"
     assert any("simulated dynamo failure" in w for w in res.warnings)
     # fixed batch of 4: verify runs 10 samples in padded chunks
-    result = verify_onnx(res.path, model, x[:10], exps, VerifyConfig(), "fp32")
+    result = verify_onnx(res, model, x[:10], exps, VerifyConfig())
     assert result.passed, result.failures
     assert result.outputs[0]["shape"] == [10, 8]
 
@@ -323,7 +327,7 @@ def test_torchscript_fallback_static_batch_and_fp16_conversion(tmp_path, monkeyp
                         ExportConfig(dtype="fp16", exporter="torchscript"), META)
     assert any("converted its float tensors to fp16" in w for w in res16.warnings)
     assert onnx.load(str(res16.path)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    result = verify_onnx(res16.path, model, x, exps, VerifyConfig(), "fp16")
+    result = verify_onnx(res16, model, x, exps, VerifyConfig())
     assert result.passed, result.failures
 
 
@@ -364,12 +368,18 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_mod.onnx, "save_model", crash)
     model, x, _ = make("cnn1d", "2:4")
+    model.train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)][:1]
+    for m in frozen:
+        m.eval()  # a mixed-mode model: training, one BatchNorm frozen
+    modes = [m.training for m in model.modules()]
+    assert any(modes) and not all(modes)
     with pytest.raises(OSError, match="disk full"):
         export_onnx(model, x[:1], target, ExportConfig(exporter="torchscript"), META)
     assert target.read_bytes() == b"previous release"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     monkeypatch.setattr(export_mod.onnx, "save_model", real_save)
-    assert model.training is False  # model left as it was (eval)
+    assert [m.training for m in model.modules()] == modes  # every module's mode given back
 
 
 def test_gpu_script_without_cuda_measures_nothing(tmp_path):

@@ -1,0 +1,173 @@
+"""The typed manifest: what `manifest.json` holds, one model per section.
+
+The JSON keys are the README's ("Artifacts"); a key appears once it has been set (a run that
+stopped at `validate` has no `export` key), exactly as the manifest grows stage by stage. Stage
+results stay typed (`BakedLayer`, `EpochRecord`, `VerifyResult`, the export record) until they
+are written.
+
+Schema versions: 1 (first release); 2 adds `metrics.layers[].parameter` and the export record's
+`file`, `compact_file`, `inputs` and `outputs`. A version-1 manifest still loads (to resume a run
+made by the older release): its layer rows get the only parameter name version 1 could sparsify,
+`<module>.weight`, and its export record the file names version 1 wrote.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+
+from stages.bake import BakedLayer
+from stages.export import ExportResult
+from stages.train import EpochRecord
+from stages.verify import VerifyResult
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+Status = Literal["running", "succeeded", "gate_failed", "failed", "interrupted"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class _Growing(_Record):
+    """A section whose JSON holds only the keys that were set, in the order fields are declared."""
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        keep = set(self.model_fields_set)  # field names, and their aliases for by_alias dumps
+        keep |= {info.alias for name, info in type(self).model_fields.items() if name in keep and info.alias}
+        return {k: v for k, v in data.items() if k in keep}
+
+
+class StageRecord(_Record):
+    status: Literal["done", "failed"]
+    seconds: float
+
+
+class Artifact(_Record):
+    path: str      # relative to the run directory
+    bytes: int
+    sha256: str
+
+
+class DataSummary(_Record):
+    name: str
+    input_shape: list[int]
+    num_classes: int
+    sizes: dict[str, int]
+
+
+class Metrics(_Growing):
+    data: DataSummary | None = None
+    macs: int | None = None
+    params: int | None = None
+    dense_accuracy: float | None = None
+    targeted_sparsity: float | None = None
+    model_sparsity: float | None = None
+    layers: list[BakedLayer] = Field(default_factory=list)
+    sparse_accuracy: float | None = None
+    accuracy_drop: float | None = None
+    nonzero_params: int | None = None
+    parity_max_abs_error: float | None = None
+
+
+class ExportRecord(_Record):
+    """The export result as stored: file names relative to the run directory."""
+
+    exporter: str
+    seconds: float
+    bytes: int
+    warnings: list[str]
+    opset: int
+    dtype: Literal["fp32", "fp16"]
+    compact_bytes: int | None
+    file: str = "model.onnx"
+    compact_file: str | None = None
+    inputs: list[str] = Field(default_factory=list)
+    outputs: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, result: ExportResult, run_dir: Path) -> "ExportRecord":
+        def rel(path: Path) -> str:
+            return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
+        return cls(exporter=result.exporter, seconds=result.seconds, bytes=result.size_bytes,
+                   warnings=list(result.warnings), opset=result.opset, dtype=result.dtype,
+                   compact_bytes=result.compact_size_bytes, file=rel(result.path),
+                   compact_file=None if result.compact_path is None else rel(result.compact_path),
+                   inputs=list(result.input_names), outputs=list(result.output_names))
+
+    def result(self, run_dir: Path) -> ExportResult:
+        """The export result again, for verify on a resumed run."""
+        return ExportResult(path=Path(run_dir) / self.file, exporter=self.exporter, seconds=self.seconds,
+                            size_bytes=self.bytes, warnings=list(self.warnings),
+                            compact_path=None if self.compact_file is None else Path(run_dir) / self.compact_file,
+                            compact_size_bytes=self.compact_bytes, dtype=self.dtype, opset=self.opset,
+                            input_names=list(self.inputs), output_names=list(self.outputs))
+
+
+class ErrorRecord(_Record):
+    type: str
+    gate: str | None
+    message: str
+
+
+class Manifest(_Growing):
+    schema_version: int = Field(SCHEMA_VERSION, alias="schema")
+    name: str
+    status: Status
+    config_hash: str
+    created: str
+    updated: str
+    resumed: int = 0
+    versions: dict[str, str]
+    versions_before_resume: list[dict[str, str] | None] = Field(default_factory=list)
+    stages: dict[str, StageRecord] = Field(default_factory=dict)
+    metrics: Metrics = Field(default_factory=Metrics)
+    artifacts: dict[str, Artifact] = Field(default_factory=dict)
+    history: list[EpochRecord] = Field(default_factory=list)
+    export: ExportRecord | None = None
+    verify: VerifyResult | None = None
+    error: ErrorRecord | None = None
+
+    @classmethod
+    def start(cls, name: str, config_hash: str, now: str, versions: dict[str, str]) -> "Manifest":
+        """A new run's manifest, with the keys every manifest has from the start."""
+        return cls(schema_version=SCHEMA_VERSION, name=name, status="running", config_hash=config_hash,
+                   created=now, updated=now, resumed=0, versions=versions, stages={}, metrics=Metrics(),
+                   artifacts={}, history=[])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """Read schema 1 (see the module docstring); refuse versions this release cannot read."""
+        if not isinstance(data, dict):
+            return data
+        version = data.get("schema", data.get("schema_version"))
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"manifest schema {version!r} is not one this release reads {READABLE_VERSIONS}")
+        if version == 1:
+            data = dict(data, schema=SCHEMA_VERSION)
+            metrics = data.get("metrics")
+            if isinstance(metrics, dict) and isinstance(metrics.get("layers"), list):
+                data["metrics"] = dict(metrics, layers=[
+                    {**row, "parameter": f"{row['name']}.weight"} if isinstance(row, dict) and "name" in row
+                    else row for row in metrics["layers"]])
+            if isinstance(data.get("export"), dict) and data.get("artifacts", {}).get("model.compact.onnx"):
+                data["export"] = dict(data["export"], compact_file="model.compact.onnx")
+        return data
+
+    def unset(self, name: str) -> None:
+        """Drop a section from the JSON again (a resumed run's old `error`)."""
+        setattr(self, name, None)
+        self.model_fields_set.discard(name)
+
+    def stage_done(self, stage: str) -> bool:
+        record = self.stages.get(stage)
+        return record is not None and record.status == "done"
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,116 @@
+"""The runner walks a stage table: order, enabled-by, resume (skip, restore the latest state,
+rerun), the epilogue after success and after a failed gate, and errors named by config section.
+The tables here are made up; adding a stage to the pipeline is the same: one `Stage` row."""
+import json
+
+import pytest
+
+from pipeline.config import validate_config
+from pipeline.runner import Runner, RunOptions
+from pipeline.stage_table import STAGES, RunContext, Stage
+from stages.base import ConfigFieldError, FieldProblem, GateFailure
+
+CONFIG = {"name": "table", "device": "cpu", "data": {"name": "digits"}, "model": {"name": "small_cnn"},
+          "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 1}}
+
+
+def runner(tmp_path, stages, **changes):
+    return Runner(validate_config({**CONFIG, **changes}), RunOptions(out=tmp_path / "run", quiet=True),
+                  stages=stages)
+
+
+def table(calls: list[str], fail: dict[str, BaseException] | None = None) -> list[Stage]:
+    fail = fail or {}
+
+    def step(name: str, what: str = "run"):
+        def go(ctx: RunContext) -> None:
+            calls.append(f"{what} {name}")
+            if what == "run" and name in fail:
+                raise fail.pop(name)
+        return go
+
+    return [
+        Stage("load", step("load"), rerun=True),
+        Stage("skipped", step("skipped"), enabled=lambda c: c.train is not None),
+        Stage("dense", step("dense"), restore=step("dense", "restore"), state="weights"),
+        Stage("measure", step("measure"), section="validate"),
+        Stage("sparse", step("sparse"), restore=step("sparse", "restore"), state="weights", section="sparsity"),
+        Stage("publish", step("publish")),
+        Stage("summary", step("summary"), epilogue=True),
+    ]
+
+
+def _manifest(tmp_path) -> dict:
+    return json.loads((tmp_path / "run" / "manifest.json").read_text())
+
+
+def test_enabled_stages_run_in_table_order_and_are_recorded(tmp_path):
+    calls: list[str] = []
+    manifest = runner(tmp_path, table(calls)).execute()
+    assert calls == ["run load", "run dense", "run measure", "run sparse", "run publish", "run summary"]
+    assert manifest.status == "succeeded"
+    assert list(_manifest(tmp_path)["stages"]) == ["load", "dense", "measure", "sparse", "publish", "summary"]
+    with_train = runner(tmp_path / "other", table([]), train={"epochs": 1})
+    assert [s.name for s in with_train.stages][:2] == ["load", "skipped"]  # enabled by this config
+
+
+def test_resume_skips_done_stages_restores_only_the_latest_state_and_reruns_cheap_ones(tmp_path):
+    calls: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        runner(tmp_path, table(calls, {"publish": KeyboardInterrupt()})).execute()
+    m = _manifest(tmp_path)
+    assert m["status"] == "interrupted" and m["error"]["type"] == "KeyboardInterrupt"
+    assert m["stages"]["publish"]["status"] == "failed" and "summary" not in m["stages"]
+
+    calls.clear()
+    runner(tmp_path, table(calls)).execute()
+    # dense is done but superseded by sparse (same state): only sparse restores
+    assert calls == ["run load", "restore sparse", "run publish", "run summary"]
+    m = _manifest(tmp_path)
+    assert m["status"] == "succeeded" and m["resumed"] == 1 and "error" not in m
+
+
+def test_a_restore_runs_when_the_later_stage_of_its_state_is_not_done(tmp_path):
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="disk"):
+        runner(tmp_path, table(calls, {"sparse": RuntimeError("disk")})).execute()
+    assert _manifest(tmp_path)["status"] == "failed"
+    calls.clear()
+    runner(tmp_path, table(calls)).execute()
+    assert calls == ["run load", "restore dense", "run sparse", "run publish", "run summary"]
+
+
+def test_failed_gate_runs_the_epilogue_and_names_the_config_section(tmp_path):
+    calls: list[str] = []
+    gate = GateFailure("accuracy", problems=[FieldProblem("min_accuracy", "below {field}=0.9")])
+    with pytest.raises(GateFailure, match=r"^below validate\.min_accuracy=0\.9$"):
+        runner(tmp_path, table(calls, {"measure": gate})).execute()
+    assert calls == ["run load", "run dense", "run measure", "run summary"]  # report of what was measured
+    m = _manifest(tmp_path)
+    assert m["status"] == "gate_failed" and m["error"] == {
+        "type": "GateFailure", "gate": "accuracy", "message": "below validate.min_accuracy=0.9"}
+    assert m["stages"]["measure"]["status"] == "failed" and "summary" not in m["stages"]
+
+
+def test_stage_errors_name_fields_under_the_stage_section(tmp_path):
+    calls: list[str] = []
+    error = ConfigFieldError(FieldProblem("optimizer.lr", "loss is nan; lower {field}"))
+    with pytest.raises(ConfigFieldError, match=r"lower sparsity\.optimizer\.lr$"):
+        runner(tmp_path, table(calls, {"sparse": error})).execute()
+    assert "run summary" not in calls  # the epilogue follows success or a failed gate only
+    assert _manifest(tmp_path)["error"]["message"] == "loss is nan; lower sparsity.optimizer.lr"
+
+
+def test_the_pipeline_table():
+    assert [s.name for s in STAGES] == ["data", "model", "train", "reference", "sparsify", "bake", "validate",
+                                        "export", "verify", "report"]
+    assert [s.name for s in STAGES if s.epilogue] == ["report"]
+    assert {s.name for s in STAGES if s.state == "weights"} == {"train", "sparsify", "bake"}
+    sections = {s.name: s.section for s in STAGES if s.section}
+    assert sections["train"] == "train" and sections["sparsify"] == "sparsity" and sections["validate"] == "validate"
+    plain = validate_config(CONFIG)
+    assert [s.name for s in STAGES if s.enabled(plain)] == ["data", "model", "sparsify", "bake", "validate",
+                                                             "export", "verify", "report"]
+    full = validate_config({**CONFIG, "train": {"epochs": 1}, "verify": {"enabled": False}})
+    assert [s.name for s in STAGES if s.enabled(full)] == ["data", "model", "train", "reference", "sparsify",
+                                                            "bake", "validate", "export", "report"]
