@@ -131,9 +131,9 @@ class Sparsifier:
                              f"{type(criterion).__name__} do not pair: learned scores need a "
                              "forward rule that trains them, and only they")
         if score_warmup_steps and (not steps_per_epoch or not total_epochs
-                                   or score_warmup_steps >= steps_per_epoch * total_epochs):
-            raise ValueError("score_warmup_steps needs steps_per_epoch and total_epochs, and must be "
-                             f"shorter than the phase ({steps_per_epoch} x {total_epochs} steps)")
+                                   or score_warmup_steps >= steps_per_epoch * (total_epochs - 1)):
+            raise ValueError("score_warmup_steps needs steps_per_epoch and total_epochs, and must end "
+                             f"before the last epoch starts ({steps_per_epoch} x {total_epochs} steps)")
         if score_normalization not in ("none", "layer"):
             raise ValueError(f"score_normalization must be 'none' or 'layer', got {score_normalization!r}")
         if max_swap_fraction is not None and not 0 <= max_swap_fraction <= 1:
@@ -248,12 +248,14 @@ class Sparsifier:
 
     def schedule_progress(self, progress: float) -> float:
         """The schedule's clock at `progress` epochs: with a warm-up of w epochs it starts at w
-        and is stretched so the schedule still ends with the phase."""
+        and is stretched so that the last epoch's start maps to itself (E - 1): the schedule's
+        fraction there, 1.0 for every schedule, still holds for the final epoch."""
         if not self.score_warmup_steps:
             return progress
         assert self.steps_per_epoch and self.total_epochs
         w = self.score_warmup_steps / self.steps_per_epoch
-        return max(0.0, progress - w) * self.total_epochs / (self.total_epochs - w)
+        last = self.total_epochs - 1
+        return max(0.0, progress - w) * last / (last - w)
 
     def add_mask_hook(self, hook: MaskHook) -> None:
         """`hook(sparsifier, masks_before, progress)` runs after every mask update (the new masks

@@ -255,7 +255,9 @@ class SparsitySpec(BaseModel):
         presets = dict(PRETRAINED) if learned is not None and learned.criterion.learned else \
             {"guard": PRETRAINED["guard"]}
         if "score_init" in presets and steps_per_epoch and self.epochs:
-            presets["score_warmup_steps"] = warmup_steps(steps_per_epoch * self.epochs)
+            # ends before the last epoch starts, whose mask is the final one
+            presets["score_warmup_steps"] = min(warmup_steps(steps_per_epoch * self.epochs),
+                                                max(0, steps_per_epoch * (self.epochs - 1) - 1))
         updates = {k: v for k, v in presets.items() if k not in self.model_fields_set}
         data = {**self.model_dump(exclude_unset=True, exclude={"schedule", "criterion", "forward"}),
                 "schedule": self.schedule, "criterion": self.criterion, "forward": self.forward,

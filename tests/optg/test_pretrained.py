@@ -55,6 +55,17 @@ def test_nothing_is_pruned_before_the_warmup_step_count():
     assert sp.sparsity() == pytest.approx(0.8, abs=1e-3)
 
 
+@pytest.mark.parametrize("epochs,warmup", [(2, 4), (3, 9), (5, 2)])
+def test_with_a_warmup_the_last_epoch_still_holds_the_exact_pattern(epochs, warmup):
+    model = net()
+    sp = optg.create("optg", model, pattern="2:4", epochs=epochs, steps_per_epoch=5,
+                     score_warmup_steps=warmup, score_lr_coupled=False).attach()
+    train(model, sp, epochs, 5)
+    assert sp.fraction == 1.0 and sp.sparsity() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="before the last epoch"):
+        optg.create("optg", net(), pattern="2:4", epochs=2, steps_per_epoch=5, score_warmup_steps=5)
+
+
 def test_scores_learn_during_the_warmup_with_the_lr_decoupled_from_the_schedule():
     model = net()
     sp = optg.create("optg", model, target=0.8, epochs=4, steps_per_epoch=5,
@@ -185,7 +196,8 @@ def test_auto_start_resolves_from_whether_training_starts_from_trained_weights()
     assert {k: getattr(pre, k) for k in optg.PRETRAINED if k != "guard"} == \
         {k: v for k, v in optg.PRETRAINED.items() if k != "guard"}
     assert pre.score_warmup_steps == optg.warmup_steps(200)
-    assert optg.SparsitySpec(method="optg", pattern="2:4", epochs=10, start="scratch").for_start(True).start == "scratch"
+    scratch = optg.SparsitySpec(method="optg", pattern="2:4", epochs=10, start="scratch")
+    assert scratch.for_start(True) is scratch
     mine = optg.SparsitySpec(method="optg", pattern="2:4", epochs=10, score_init_scale=0.5, start="pretrained")
     assert mine.for_start(False).score_init_scale == 0.5  # what the user set wins over the preset
     gmp = optg.SparsitySpec(method="gmp", target=0.9, epochs=10).for_start(True, steps_per_epoch=20)
