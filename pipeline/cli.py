@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value by dotted key, e.g. --set sparsity.target=0.98")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
     run.add_argument("--quiet", action="store_true", help="no progress output")
-    run.add_argument("--force", action="store_true", help="replace a run directory made by another config")
+    run.add_argument("--force", action="store_true",
+                     help="start over in a run directory of ours made by another config "
+                          "(never clears a directory without an optg manifest)")
 
     check = sub.add_parser("check", help="validate a config without running anything")
     check.add_argument("config")

@@ -48,10 +48,19 @@ class StageRecord(_Record):
     seconds: float
 
 
-class Artifact(_Record):
+class Artifact(_Growing):
     path: str      # relative to the run directory
     bytes: int
     sha256: str
+    stage: str | None = None  # the stage that wrote it (a rerun redoes it when the file changed)
+
+
+class Rerun(_Record):
+    """Why a rerun of the same run directory redid finished stages (config or artifact changed)."""
+
+    at: str
+    stages: list[str]
+    reason: str
 
 
 class DataSummary(_Record):
@@ -109,10 +118,12 @@ class ExportRecord(_Record):
                             input_names=list(self.inputs), output_names=list(self.outputs))
 
 
-class ErrorRecord(_Record):
+class ErrorRecord(_Growing):
     type: str
     gate: str | None
     message: str
+    stage: str | None = None  # the stage that failed, where one did
+    file: str | None = None   # the file a failed write was writing
 
 
 class Manifest(_Growing):
@@ -132,6 +143,9 @@ class Manifest(_Growing):
     export: ExportRecord | None = None
     verify: VerifyResult | None = None
     error: ErrorRecord | None = None
+    fingerprints: dict[str, str] = Field(default_factory=dict)  # stage -> its inputs' hash (pipeline.reuse)
+    reruns: list[Rerun] = Field(default_factory=list)
+    tracking: dict[str, Any] | None = None
 
     @classmethod
     def start(cls, name: str, config_hash: str, now: str, versions: dict[str, str]) -> "Manifest":

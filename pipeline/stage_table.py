@@ -34,7 +34,7 @@ from stages.data import DataBundle, load_data
 from stages.export import export_onnx
 from stages.io import atomic_torch_save, safe_torch_load
 from stages.model import build_model
-from stages.train import StepHook, TrainConfig, Trainer, evaluate
+from stages.train import EpochRecord, StepHook, TrainConfig, Trainer, evaluate
 
 DEBUG_SIGNAL_ENV = "OPTG_DEBUG_SIGNAL_AT"
 
@@ -49,6 +49,7 @@ class RunContext:
     log: Callable[[str], None]
     progress: bool = False
     on_step: StepHook | None = None
+    on_epoch: Callable[[EpochRecord], None] | None = None  # after each epoch's checkpoint (tracking)
     bundle_: DataBundle | None = None
     model_: nn.Module | None = None
     sparsifier_: optg.Sparsifier | None = None
@@ -92,6 +93,10 @@ class Stage:
         failed gate too (unrecorded then), so its output says how the run ended.
     section: the config section whose fields the stage's errors name ("validate" turns
         `max_accuracy_drop` into `validate.max_accuracy_drop`).
+    inputs: the config keys (dotted) its result depends on, besides the stages before it; a
+        rerun of the run directory with a config that changes them redoes it (`pipeline.reuse`).
+    redoable: a changed config may redo it on the same run directory without `--force`; a
+        change that reaches a stage that is not redoable (training, the data) is refused.
     """
 
     name: str
@@ -102,6 +107,8 @@ class Stage:
     rerun: bool = False
     epilogue: bool = False
     section: str | None = None
+    inputs: tuple[str, ...] = ()
+    redoable: bool = False
 
 
 # --------------------------------------------------------------------------- adapters
@@ -141,11 +148,21 @@ def _run_phase(ctx: RunContext, trainer: Trainer, checkpoint: Path) -> None:
     if checkpoint.exists():
         trainer.load_state_dict(_load_checkpoint(checkpoint, ctx.device))
         ctx.log(f"[{trainer.phase}] resuming at epoch {trainer.next_epoch + 1}/{trainer.cfg.epochs}")
+    manifest = ctx.run.manifest
+    for record in trainer.history:  # epochs of an earlier session (tracking skips those it has)
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(record)
+
     def save(t: Trainer) -> None:
+        """Checkpoint, then the manifest's history and metrics.csv: a long run can be followed."""
         atomic_torch_save(t.state_dict(), checkpoint)
+        manifest.history = [h for h in manifest.history if h.phase != t.phase] + list(t.history)
+        ctx.run.write_metrics_csv()
+        ctx.run.save()
+        if ctx.on_epoch is not None and t.history:
+            ctx.on_epoch(t.history[-1])
 
     trainer.run(on_epoch_end=save)
-    manifest = ctx.run.manifest
     manifest.history = [h for h in manifest.history if h.phase != trainer.phase] + list(trainer.history)
 
 
@@ -224,6 +241,8 @@ def run_export(ctx: RunContext) -> None:
     ctx.run.add_artifact("model.onnx", result.path)
     if result.compact_path is not None:
         ctx.run.add_artifact("model.compact.onnx", result.compact_path)
+    for sidecar in result.data_paths:  # weights of a model over ~1.8 GB, beside the .onnx
+        ctx.run.add_artifact(sidecar.name, sidecar)
     manifest.export = ExportRecord.of(result, ctx.run.path)
     for note in result.warnings:
         ctx.log(f"[export] note: {note}")
@@ -267,17 +286,19 @@ def run_report(ctx: RunContext) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", run_data, rerun=True),
-    Stage("model", run_model, rerun=True),
+    Stage("data", run_data, rerun=True, inputs=("seed", "device", "data")),
+    Stage("model", run_model, rerun=True, inputs=("model",)),
     Stage("train", run_dense, enabled=lambda c: c.train is not None, restore=restore_dense, state="weights",
-          section="train"),
+          section="train", inputs=("train",)),
     Stage("reference", run_reference, enabled=lambda c: c.train is not None or c.model.weights is not None),
-    Stage("sparsify", run_sparsify, restore=run_sparsify, state="weights", section="sparsity"),
+    Stage("sparsify", run_sparsify, restore=run_sparsify, state="weights", section="sparsity", inputs=("sparsity",)),
     Stage("bake", run_bake, restore=restore_baked, state="weights"),
-    Stage("validate", run_validate, section="validate"),
-    Stage("export", run_export, enabled=lambda c: c.export.enabled, section="export"),
-    Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify"),
-    Stage("report", run_report, epilogue=True, section="report"),
+    Stage("validate", run_validate, section="validate", inputs=("validate",), redoable=True),
+    Stage("export", run_export, enabled=lambda c: c.export.enabled, section="export", inputs=("export",),
+          redoable=True),
+    Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify", inputs=("verify",),
+          redoable=True),
+    Stage("report", run_report, epilogue=True, section="report", inputs=("report",), redoable=True),
 )
 
 
