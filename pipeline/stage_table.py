@@ -188,8 +188,9 @@ def run_sparsify(ctx: RunContext) -> None:
     the restore: with every epoch checkpointed it trains zero epochs and leaves the sparsifier."""
     cfg, data = ctx.cfg.sparsity, ctx.cfg.data
     steps = len(ctx.bundle.loader("train", data.batch_size, shuffle=True))
-    sparsifier = ctx.sparsifier_ = sparsify_stage.build_sparsifier(ctx.model, cfg, steps_per_epoch=steps,
-                                                                   seed=ctx.cfg.seed)
+    sparsifier = ctx.sparsifier_ = sparsify_stage.build_sparsifier(
+        ctx.model, cfg, steps_per_epoch=steps, seed=ctx.cfg.seed,
+        from_trained=ctx.cfg.train is not None or ctx.cfg.model.weights is not None)
     checkpoint = ctx.run.checkpoints / "sparse.pt"
     trainer = _trainer(ctx, "sparse", cfg, sparsifier)
     if not checkpoint.exists():

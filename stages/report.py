@@ -102,17 +102,28 @@ def gate_line(report: ReportInput) -> str:
 
 def plot_history(history: list[EpochRecord], path: Path, report: ReportInput | None = None) -> Path:
     """Validation accuracy with the accuracy gate's line (left axis) and sparsity (right axis)
-    against epoch, the training loss, and (when layers are known) per-layer sparsity bars."""
+    against epoch, both phases; the training loss; when the mask-update guard ran, the loss
+    rise it measured at each epoch's mask updates (`mask_update_loss_delta`); and (when layers
+    are known) per-layer sparsity bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = [layer for layer in (report.layers if report else []) if layer.targeted]
-    panels = 3 if layers else 2
+    deltas = [h.mask_update_loss_delta for h in history]
+    guard = any(d is not None for d in deltas)
+    panels = 2 + guard + bool(layers)
     fig, axes = plt.subplots(panels, 1, figsize=(7, 3.2 * panels), dpi=110)
     ax, loss_ax = axes[0], axes[1]
     xs = list(range(1, len(history) + 1))
+    if guard:
+        guard_ax = axes[2]
+        guard_ax.bar(xs, [float("nan") if d is None else d for d in deltas], color="tab:orange")
+        guard_ax.axhline(0, color="gray", lw=0.8)
+        guard_ax.set_ylabel("loss rise at\nmask update", color="tab:orange")
+        guard_ax.set_xlabel("epoch (dense phase, then sparse phase)")
+        guard_ax.grid(alpha=0.3)
     ax.plot(xs, [float("nan") if h.val_accuracy is None else h.val_accuracy for h in history], "o-",
             color="tab:blue", label="val accuracy")
     gate = accuracy_gate(report) if report else None
@@ -135,7 +146,7 @@ def plot_history(history: list[EpochRecord], path: Path, report: ReportInput | N
             axis.axvline(dense_epochs + 0.5, color="gray", linestyle=":")
         axis.grid(alpha=0.3)
     if layers:
-        bars = axes[2]
+        bars = axes[-1]
         bars.barh(range(len(layers)), [layer.sparsity for layer in layers], color="tab:red")
         bars.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=7)
         bars.invert_yaxis()
@@ -184,6 +195,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _largest_rise(history: list[EpochRecord]) -> str | None:
+    """'0.0123 (sparse epoch 4)': the guard's largest measured loss rise, None if it did not run."""
+    rises = [(h.mask_update_loss_delta, h.epoch) for h in history if h.mask_update_loss_delta is not None]
+    if not rises:
+        return None
+    delta, epoch = max(rises)
+    return f"{delta:.4f} (sparse epoch {epoch + 1})"
+
+
 def render_markdown(report: ReportInput, plot_name: str | None) -> str:
     """The human summary of a run."""
     r = report
@@ -203,6 +223,7 @@ def render_markdown(report: ReportInput, plot_name: str | None) -> str:
         ("MACs per sample (dense)", r.macs),
         ("ONNX parity (max abs error)", r.parity_max_abs_error),
         ("accuracy gate", gate_line(r)),
+        ("largest loss rise at a mask update (guard)", _largest_rise(r.history)),
         ("config hash", r.config_hash[:16]),
     ]:
         lines.append(f"| {key} | {_fmt(value)} |")

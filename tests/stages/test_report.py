@@ -127,12 +127,17 @@ def test_gate_line_and_figure_panels(tmp_path):
         created.append(fig)
         return fig, axes
 
+    guarded = [EpochRecord("dense", 0, 1.0, 0.5, 0.6, 0.0, 0.1, 1.0),
+               EpochRecord("sparse", 0, 0.9, 0.6, None, 0.5, 0.1, 1.0, mask_update_loss_delta=0.25)]
     plt.subplots = spy
     try:
         plot_history(r.history, tmp_path / "t.png", r)
+        plot_history(guarded, tmp_path / "g.png", r)
     finally:
         plt.subplots = real
-    (fig,) = created
+    fig, with_guard = created
+    assert [p.get_height() for p in with_guard.axes[2].patches][-1] == 0.25  # the guard panel
+    assert with_guard.axes[3].get_yticklabels()[0].get_text() == "fc"  # the bars stay last
     accuracy, loss, bars = fig.axes[0], fig.axes[1], fig.axes[2]
     assert any(abs(line.get_ydata()[0] - 0.93) < 1e-9 for line in accuracy.get_lines())  # the gate line
     assert list(loss.get_lines()[0].get_ydata()) == [1.0, 0.9]  # train loss per epoch
