@@ -217,7 +217,7 @@ def _onnx_inputs(ctx: RunContext) -> torch.Tensor:
 
 def run_export(ctx: RunContext) -> None:
     s, manifest = ctx.cfg.sparsity, ctx.run.manifest
-    target = s.as_pattern().target
+    target = s.as_pattern.target
     metadata = {"optg.config_hash": manifest.config_hash, "optg.method": s.method, "optg.pattern": str(s.pattern),
                 "optg.target": str(target),
                 "optg.targeted_sparsity": f"{manifest.metrics.targeted_sparsity or 0:.6f}",
