@@ -8,11 +8,17 @@ prunes it once by magnitude to N:M and fine-tunes E more epochs with the mask he
 schedule, so it spends 2E epochs; the tables say so. Reported: test accuracy after the last epoch
 (no early stopping; val is only logged), of the baked model, whose sparsity is checked.
 
+`--protocol pretrained` (see `PretrainedSuite`): per (dataset, seed) one dense model is trained
+once and cached; every method fine-tunes a copy of it for the same epochs with the same
+optimiser: `optg` (the library's `start: auto`, i.e. the pretrained mode), `optg_authors` (OptG
+as its authors run it, `start: scratch`), `gmp`, `oneshot` (ASP) and `srste`.
+
 Every run is cached in `<out>/accuracy_runs.json` under a key of all its settings, so an
 interrupted suite continues where it stopped and changed settings never reuse stale runs.
 
     python benchmarks/accuracy.py --out benchmarks/results                 # full suite
     python benchmarks/accuracy.py --quick --out /tmp/acc                   # < 60 s smoke run
+    python benchmarks/accuracy.py --protocol pretrained --out benchmarks/results/pretrained
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from stages.io import atomic_torch_save
 
 from optg.schedules import SigmoidSchedule
 from stages.data import DataBundle, DataConfig, load_data
@@ -209,6 +217,143 @@ class Suite:
         return record
 
 
+# ----------------------------------------------------------------------------- from pretrained
+
+PRETRAINED_UNSTRUCTURED = ("optg", "optg_authors", "gmp")
+PRETRAINED_NM = ("optg", "optg_authors", "oneshot", "srste")
+PRETRAINED_METHODS = tuple(dict.fromkeys(("dense",) + PRETRAINED_UNSTRUCTURED + PRETRAINED_NM))
+PRETRAINED_MODELS: dict[str, dict[str, Any]] = {"mnist1d": {"channels": 128}, "digits": {}}
+FIRST_CONV = {"mnist1d": "^conv1$", "digits": r"^0\.0$"}  # left dense for every method
+PRETRAINED_EPOCHS = {"mnist1d": (20, 20), "digits": (8, 12)}  # (dense, fine-tune), as the shipped configs
+
+
+@dataclass(frozen=True)
+class PretrainedProtocol:
+    """From pretrained: a dense model trained `dense_epochs` at `dense_lr` (the dataset's shipped
+    config), then every method fine-tunes it `epochs` at `lr` with the same SGD and cosine
+    schedule (`warmup_epochs` linear warm-up). The first conv stays dense for every method."""
+
+    dataset: str
+    dense_epochs: int
+    epochs: int
+    dense_lr: float = 0.1
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    warmup_epochs: int = 1
+
+    def dense_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.dense_epochs, warmup_epochs=min(self.warmup_epochs, self.dense_epochs - 1),
+                           optimizer=OptimizerConfig(lr=self.dense_lr, weight_decay=self.weight_decay))
+
+    def sparsity_config(self, method: str, pattern: str) -> SparsityConfig:
+        train = TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
+                            optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
+        nm = _is_nm(pattern)
+        start = {"optg": {"start": "auto"}, "optg_authors": {"start": "scratch"}}.get(method, {})
+        return SparsityConfig(**train.model_dump(), method="optg" if method.startswith("optg") else method,
+                              pattern=pattern if nm else "unstructured", target=None if nm else float(pattern),
+                              exclude=[FIRST_CONV[self.dataset]], **start)
+
+
+class PretrainedSuite(Suite):
+    """Cells of the from-pretrained protocol; the dense model of each (dataset, seed) is trained
+    once and cached as a file in `<out>/dense_models/` (a state dict of tensors)."""
+
+    def __init__(self, protocols: dict[str, PretrainedProtocol], cache: RunCache, out: Path, log=print) -> None:
+        super().__init__(Protocol(), cache, log)
+        self.protocols, self.out = protocols, out
+
+    def fresh_model(self, dataset: str, seed: int) -> nn.Module:
+        bundle = self.bundle(dataset, seed)
+        torch.manual_seed(seed)
+        return build_model(ModelConfig(name=DATASETS[dataset], options=PRETRAINED_MODELS[dataset]),
+                           bundle.input_shape, bundle.num_classes)
+
+    def pretrained(self, dataset: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+        proto = self.protocols[dataset]
+        tag = json.dumps({"dataset": dataset, "seed": seed, "model": PRETRAINED_MODELS[dataset],
+                          **{k: v for k, v in asdict(proto).items() if k not in ("epochs", "lr")}}, sort_keys=True)
+        path = self.out / "dense_models" / f"{dataset}_{seed}_{abs(hash_text(tag))}.pt"
+        model = self.fresh_model(dataset, seed)
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            return model, state["info"]
+        bundle = self.bundle(dataset, seed)
+        history = Trainer(model, bundle, proto.dense_config(), phase="dense", device=CPU, seed=seed,
+                          batch_size=proto.batch_size, log=lambda _: None).run()
+        info = {"test_accuracy": evaluate(model, bundle, "test", CPU), "end_loss": history[-1].train_loss}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"model": model.state_dict(), "info": info}, path)
+        return model, info
+
+    def key(self, dataset: str, method: str, pattern: str, seed: int) -> str:
+        proto = self.protocols[dataset]
+        fields: dict[str, Any] = {"protocol": "pretrained", **asdict(proto), "model_options": PRETRAINED_MODELS[dataset]}
+        if method.startswith("optg"):  # the settings in force, so a new default reruns these cells
+            steps = math.ceil(len(self.bundle(dataset, seed).split("train")) / proto.batch_size)
+            spec = proto.sparsity_config(method, pattern).for_start(True, steps)
+            fields["optg"] = spec.model_dump(mode="json", include=set(OPTG_SETTINGS))
+        return json.dumps({"dataset": dataset, "method": method, "pattern": pattern, "seed": seed, **fields},
+                          sort_keys=True)
+
+    def run(self, dataset: str, method: str, pattern: str, seed: int) -> dict[str, Any]:
+        key = self.key(dataset, method, pattern, seed)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        proto, bundle = self.protocols[dataset], self.bundle(dataset, seed)
+        model, info = self.pretrained(dataset, seed)
+        history, sparsity, layers, deltas = [], 0.0, {}, []
+        if method != "dense":
+            cfg = proto.sparsity_config(method, pattern)
+            steps = len(bundle.loader("train", proto.batch_size, shuffle=True, seed=0))
+            sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed, from_trained=True)
+            trainer = Trainer(model, bundle, cfg, phase="sparse", device=CPU, seed=seed,
+                              batch_size=proto.batch_size, sparsifier=sp, log=lambda _: None)
+            history = trainer.run()
+            deltas = [round(e.delta, 4) for e in trainer.guard.events] if trainer.guard else []
+            sp.bake()
+            sparsity = sp.sparsity()
+            layers = {r.name: round(r.sparsity, 4) for r in sp.report() if r.targeted}
+        record = {"dataset": dataset, "model": DATASETS[dataset], "method": method, "pattern": pattern,
+                  "seed": seed, "epochs_total": proto.epochs, "protocol": "pretrained",
+                  "test_accuracy": evaluate(model, bundle, "test", CPU) if method != "dense" else info["test_accuracy"],
+                  "val_accuracy": evaluate(model, bundle, "val", CPU), "dense_end_loss": info["end_loss"],
+                  "sparsity": sparsity, "layer_sparsity": layers, "seconds": time.perf_counter() - started,
+                  "train_loss_curve": [round(r.train_loss, 4) for r in history], "guard_deltas": deltas,
+                  "val_curve": [round(r.val_accuracy, 4) for r in history if r.val_accuracy is not None]}
+        self.cache.put(key, record)
+        self.log(f"[pretrained] {dataset} {method} {pattern} seed {seed}: test {record['test_accuracy']:.4f} "
+                 f"sparsity {sparsity:.4f} peak loss {max(record['train_loss_curve'], default=0):.3f} "
+                 f"({record['seconds']:.1f} s)")
+        return record
+
+
+OPTG_SETTINGS = ("start", "schedule", "update_every_steps", "score_momentum", "score_lr_factor",
+                 "score_warmup_steps", "score_lr_coupled", "score_init", "score_init_scale",
+                 "score_normalization", "max_swap_fraction")
+
+
+def hash_text(text: str) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+def pretrained_cells(datasets: list[str], methods: list[str], sparsities: list[str],
+                     patterns: list[str]) -> list[tuple[str, str, str]]:
+    out = []
+    for d in datasets:
+        if "dense" in methods:
+            out.append((d, "dense", "dense"))
+        out += [(d, m, s) for s in sparsities for m in methods if m in PRETRAINED_UNSTRUCTURED]
+        out += [(d, m, p) for p in patterns for m in methods if m in PRETRAINED_NM]
+    return out
+
+
 def cells(datasets: list[str], methods: list[str], sparsities: list[str], patterns: list[str],
           nm_datasets: list[str]) -> list[tuple[str, str, str]]:
     """(dataset, method, pattern) to run: unstructured methods x sparsities, N:M methods x patterns."""
@@ -316,6 +461,85 @@ def plot(dataset: str, agg: dict, sparsities: list[str], patterns: list[str], me
     plt.close(fig)
 
 
+def pretrained_report(dataset: str, agg: dict, records: list[dict[str, Any]], columns: list[str],
+                      methods: list[str], proto: PretrainedProtocol, path: Path) -> str:
+    """From-pretrained table (method x sparsity/pattern, test accuracy %, mean ± std) with the
+    peak fine-tuning train loss per cell, and a plot of accuracy per column."""
+    dense = agg.get((dataset, "dense", "dense"))
+    n = max((v["n"] for k, v in agg.items() if k[0] == dataset), default=0)
+    label = {"optg": "optg (pretrained default)", "optg_authors": "optg as the authors run it",
+             "oneshot": "oneshot (ASP)"}
+    peaks: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        if r["dataset"] == dataset and r["train_loss_curve"]:
+            peaks.setdefault((r["method"], r["pattern"]), []).append(max(r["train_loss_curve"]))
+    head = [f"{100 * float(c):g}%" if not _is_nm(c) else c for c in columns]
+    lines = [f"### {dataset} ({DATASETS[dataset]} {PRETRAINED_MODELS[dataset]}), from pretrained: dense "
+             f"{proto.dense_epochs} epochs, then {proto.epochs} fine-tuning epochs per method; test accuracy %, "
+             f"mean ± std over {n} seed(s)", ""]
+    if dense:
+        lines += [f"Dense (the starting point): **{_cell(dense)}**", ""]
+    lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = [m for m in methods if m != "dense"]
+    for m in rows:
+        cells_ = [_cell(agg.get((dataset, m, c))) if (dataset, m, c) in agg else "" for c in columns]
+        lines.append(f"| {label.get(m, m)} | " + " | ".join(cells_) + " |")
+    lines += ["", "Peak fine-tuning train loss (mean over seeds; dense end-of-training loss "
+              f"{statistics.fmean(r['dense_end_loss'] for r in records if r['dataset'] == dataset):.3f}):", "",
+              "| method | " + " | ".join(head) + " |", "|---" * (len(columns) + 1) + "|"]
+    for m in rows:
+        cells_ = [f"{statistics.fmean(peaks[(m, c)]):.3f}" if (m, c) in peaks else "" for c in columns]
+        lines.append(f"| {label.get(m, m)} | " + " | ".join(cells_) + " |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    if dense:
+        ax.axhline(dense["mean"], color="black", ls="--", lw=1, label=f"dense {dense['mean']:.1f}")
+    for i, m in enumerate(rows):
+        pts = [(j, agg[(dataset, m, c)]) for j, c in enumerate(columns) if (dataset, m, c) in agg]
+        if pts:
+            ax.errorbar([j + 0.08 * (i - len(rows) / 2) for j, _ in pts], [a["mean"] for _, a in pts],
+                        yerr=[a["std"] for _, a in pts], marker="o", capsize=3, ls="", label=label.get(m, m))
+    ax.set_xticks(range(len(columns)), head)
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"{dataset}: fine-tuning a trained model sparse")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return "\n".join(lines) + "\n"
+
+
+def pretrained_main(a: argparse.Namespace) -> dict[str, Any]:
+    """The from-pretrained suite: cells, tables, plots and a summary in `a.out`."""
+    protocols = {}
+    for d in a.datasets:
+        dense_epochs, epochs = PRETRAINED_EPOCHS[d]
+        protocols[d] = PretrainedProtocol(d, a.dense_epochs or dense_epochs, a.finetune_epochs or epochs)
+    methods = [m for m in (a.methods or PRETRAINED_METHODS) if m in PRETRAINED_METHODS]
+    sparsities = [s for s in a.sparsities if float(s) <= 0.98] if a.sparsities else ["0.9", "0.95", "0.98"]
+    patterns = [p for p in a.patterns if p in ("2:4", "1:4")] or ["2:4", "1:4"]
+    a.out.mkdir(parents=True, exist_ok=True)
+    suite = PretrainedSuite(protocols, RunCache(a.out / "accuracy_runs.json"), a.out)
+    todo = pretrained_cells(a.datasets, methods, sparsities, patterns)
+    records = [suite.run(d, m, pat, seed) for seed in a.seeds for d, m, pat in todo]
+    agg = aggregate(records)
+    summary: dict[str, Any] = {"protocol": {d: asdict(p) for d, p in protocols.items()}, "seeds": a.seeds,
+                               "cells": [{"dataset": k[0], "method": k[1], "pattern": k[2], **v}
+                                         for k, v in sorted(agg.items())]}
+    for d in a.datasets:
+        text = pretrained_report(d, agg, records, sparsities + patterns, methods, protocols[d],
+                                 a.out / f"pretrained_{d}.png")
+        (a.out / f"pretrained_{d}.md").write_text(text)
+        print(text)
+    (a.out / "pretrained_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def tuning_table(cache: RunCache, seeds: list[int]) -> str:
     """Every OptG setting in a cache, per pattern, over `seeds`: mean ± std (the knob study)."""
     names = {"beta": "beta", "center": "center", "final_epochs": "final_epochs",
@@ -341,8 +565,13 @@ def tuning_table(cache: RunCache, seeds: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=["scratch", "pretrained"], default="scratch",
+                   help="scratch: every method trains from initialisation (default); pretrained: every "
+                        "method fine-tunes the same trained dense model")
+    p.add_argument("--dense-epochs", type=int, help="pretrained protocol: dense epochs (default per dataset)")
+    p.add_argument("--finetune-epochs", type=int, help="pretrained protocol: fine-tuning epochs (per dataset)")
     p.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=sorted(DATASETS))
-    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=tuple(dict.fromkeys(ALL_METHODS + PRETRAINED_METHODS)))
     p.add_argument("--sparsities", nargs="+", default=["0.9", "0.95", "0.98", "0.99"])
     p.add_argument("--patterns", nargs="+", default=["2:4", "1:4", "2:8"])
     p.add_argument("--nm-datasets", nargs="+", default=None, help="datasets that get N:M runs (all)")
@@ -361,6 +590,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g.add_argument("--score-lr-scale", type=float, default=1.0)
     g.add_argument("--freeze-scores-last", type=int, default=0, help="no score updates in the last k epochs")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.protocol == "pretrained":
+        if a.quick:
+            a.datasets, a.methods, a.sparsities, a.patterns, a.seeds = ["digits"], None, ["0.9"], ["2:4"], [0]
+            a.dense_epochs, a.finetune_epochs = 2, 2
+        return pretrained_main(a)
+    a.methods = [m for m in (a.methods or ALL_METHODS) if m in ALL_METHODS]
     if a.quick:
         a.datasets, a.methods, a.sparsities = ["mnist1d"], ["dense", "optg", "gmp", "oneshot"], ["0.9"]
         a.patterns, a.seeds, a.epochs = ["2:4"], [0], 2

@@ -27,6 +27,7 @@ from optg.forward import (
                             MaskForward,
                             ScoreSTE,
 )
+from optg.guard import LossGuard, MaskUpdateEvent
 from optg.methods import METHODS, Method
 from optg.modes import training_mode
 from optg.nm import format_nm, parse_nm
@@ -42,7 +43,16 @@ from optg.schedules import (
                             schedule_settings,
 )
 from optg.sparsifier import LayerReport, LifecycleError, Sparsifier, weighted_sparsity
-from optg.spec import Problem, Resolved, ScheduleSpec, SparsitySpec, spec_problems
+from optg.spec import (
+                            PRETRAINED,
+                            GuardSpec,
+                            Problem,
+                            Resolved,
+                            ScheduleSpec,
+                            SparsitySpec,
+                            spec_problems,
+                            warmup_steps,
+)
 from optg.targets import LayerPlan, TargetSpec, plan_layers
 
 __version__ = "0.1.0"
@@ -52,19 +62,23 @@ __all__ = [
                             "FORWARD_RULES",
                             "MASK_RULES",
                             "METHODS",
+                            "PRETRAINED",
                             "SCHEDULES",
                             "SRSTE",
                             "ConstantSchedule",
                             "Criterion",
                             "CubicSchedule",
                             "ForwardRule",
+                            "GuardSpec",
                             "LayerPlan",
                             "LayerReport",
                             "LayerState",
                             "LearnedScores",
                             "LifecycleError",
+                            "LossGuard",
                             "Magnitude",
                             "MaskForward",
+                            "MaskUpdateEvent",
                             "Method",
                             "Pattern",
                             "Problem",
@@ -87,5 +101,6 @@ __all__ = [
                             "schedule_settings",
                             "spec_problems",
                             "training_mode",
+                            "warmup_steps",
                             "weighted_sparsity",
 ]

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from optg.distributed import all_reduce_sum
 from optg.modes import training_mode
 from optg.registry import Registry
+
+if TYPE_CHECKING:
+    from optg.spec import SparsitySpec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,17 +45,51 @@ CRITERIA: Registry[type] = Registry("criterion")
 
 @CRITERIA.register("optg")
 class LearnedScores:
-    """OptG: a score per weight, same shape, initialised to zeros. Its gradient is
-    `dL/d(w*m) * w` (see masking._ScoreSTE) and it lives outside the model's parameters."""
+    """OptG: a score per weight, same shape. Its gradient is `dL/d(w*m) * w` (see
+    masking._ScoreSTE) and it lives outside the model's parameters.
+
+    init `zeros` (the authors'); `magnitude`: a prior from the weights it starts from,
+    `scale * |w| / mean(|w0|)`, the mean over every target weight at attach (so the prior
+    averages `scale` and ranks like global magnitude pruning), so that on a trained network
+    removing a large weight takes accumulated evidence rather than one epoch of noise.
+    `live`: the same prior, but of the current weights at every mask update: masks rank
+    `s + scale * |w| / mean(|w0|)` with `s` the learned score (zero-initialised), so the prior
+    follows the weights as they move (a pruned weight, which only decays, loses it).
+    """
 
     learned = True
     needs_calibration = False
 
-    def __init__(self) -> None:
+    def __init__(self, init: Literal["zeros", "magnitude", "live"] = "zeros", scale: float = 1.0) -> None:
+        if init not in ("zeros", "magnitude", "live"):
+            raise ValueError(f"score init must be 'zeros', 'magnitude' or 'live', got {init!r}")
+        self.init, self.scale, self.unit = init, scale, 1.0
         self.tensors: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def build(cls, spec: SparsitySpec) -> LearnedScores:
+        return cls(init=spec.score_init, scale=spec.score_init_scale)
+
     def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None:
-        self.tensors = {name: torch.zeros_like(w, requires_grad=True) for name, w in weights.items()}
+        self.unit = 1.0
+        if self.init != "zeros" and weights:
+            total = sum(w.detach().abs().sum() for w in weights.values())
+            count = sum(w.numel() for w in weights.values())
+            self.unit = max(float(total) / count, torch.finfo(torch.float32).tiny)
+        self.tensors = {name: self._initial(w).requires_grad_(True) for name, w in weights.items()}
+
+    def _initial(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.init != "magnitude":
+            return torch.zeros_like(weight)
+        return self._prior(weight)
+
+    def _prior(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.detach().abs() * (self.scale / self.unit)
+
+    def ranking(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """What masks rank: the learned scores, plus the live prior with init `live`."""
+        scores = self.tensors[name].detach()
+        return scores + self._prior(weight) if self.init == "live" else scores
 
     def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self.tensors[name]

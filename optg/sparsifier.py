@@ -9,7 +9,8 @@ LifecycleError. Nothing here depends on which method runs: the plug-ins say what
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,42 @@ class LayerReport:
         return {**self.__dict__, "shape": list(self.shape), "pattern": str(self.pattern)}
 
 
+MaskHook = Callable[["Sparsifier", dict[str, torch.Tensor], float], None]
+
+
+@torch.no_grad()
+def bound_swaps(rule: Callable[..., list[torch.Tensor]], plans: Sequence[LayerPlan],
+                scores: Sequence[torch.Tensor], fraction: float, before: Sequence[torch.Tensor],
+                keep: list[torch.Tensor], max_fraction: float) -> list[torch.Tensor]:
+    """`keep` with at most `floor(max_fraction * kept before)` revived positions (pruned in
+    `before`, kept now): each revival swaps a kept weight out, so this bounds how much one
+    update may change. Ranks `scores + b * before` with the smallest bonus b (bisection) that
+    honours the bound; the mask rule itself still sets the pattern and count. If even an
+    infinite bonus revives more (the schedule lowered the sparsity), that mask is used."""
+    allowed = math.floor(max_fraction * sum(int(b.sum()) for b in before))
+
+    def revived(masks: Sequence[torch.Tensor]) -> int:
+        return sum(int((k & ~b).sum()) for k, b in zip(masks, before))
+
+    if revived(keep) <= allowed:
+        return keep
+    spread = max(float(s.max() - s.min()) for s in scores)
+    low, high = 0.0, 2.0 * spread + 1.0
+
+    def with_bonus(bonus: float) -> list[torch.Tensor]:
+        return rule(plans, [s.detach() + bonus * b.to(s.dtype) for s, b in zip(scores, before)], fraction)
+
+    best = with_bonus(high)
+    for _ in range(30):
+        mid = 0.5 * (low + high)
+        candidate = with_bonus(mid)
+        if revived(candidate) <= allowed:
+            high, best = mid, candidate
+        else:
+            low = mid
+    return best
+
+
 def weighted_sparsity(rows: Sequence[LayerReport]) -> float:
     """Fraction of zeros over all weights of `rows` (each layer weighted by its size); 0.0 for
     no rows. Pass the targeted rows for the targeted sparsity, all rows for the model's."""
@@ -64,14 +101,24 @@ class Sparsifier:
     criterion: where mask scores come from; schedule: how much of the target applies when;
     forward: how the masked weight enters the forward pass (see optg.forward). Learned scores
     (a criterion with `learned`) get their own SGD with `score_momentum`, stepped at
-    `lr * score_lr_factor * fraction`, and not at all from epoch `score_freeze_epoch` on.
+    `lr * score_lr_factor * fraction` (`score_lr_coupled`; else without `fraction`), and not
+    at all from epoch `score_freeze_epoch` on.
+
+    From trained weights (see `SparsitySpec.start`): `score_warmup_steps` optimizer steps of
+    score learning (at the decoupled lr) before anything is pruned, the schedule then running
+    in the remaining `total_epochs`; `score_normalization='layer'` ranks each layer's scores
+    divided by their mean |score|; `max_swap_fraction` bounds how many previously pruned
+    weights one mask update may bring back (each one swaps a kept weight out) to that fraction
+    of the previously kept count. Hooks added by `add_mask_hook` see every mask update.
     """
 
     def __init__(self, model: nn.Module, plans: list[LayerPlan], criterion: Criterion,
                  schedule: Schedule, forward: ForwardRule, *, method: str = "custom",
                  update_every_steps: int | None = None, steps_per_epoch: int | None = None,
                  seed: int = 0, score_momentum: float = 0.9, score_lr_factor: float = 1.0,
-                 score_freeze_epoch: int | None = None) -> None:
+                 score_freeze_epoch: int | None = None, score_warmup_steps: int = 0,
+                 score_lr_coupled: bool = True, total_epochs: int | None = None,
+                 score_normalization: str = "none", max_swap_fraction: float | None = None) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         if update_every_steps is not None and (update_every_steps < 1 or not steps_per_epoch):
@@ -83,6 +130,19 @@ class Sparsifier:
             raise ValueError(f"forward rule {type(forward).__name__} and criterion "
                              f"{type(criterion).__name__} do not pair: learned scores need a "
                              "forward rule that trains them, and only they")
+        if score_warmup_steps and (not steps_per_epoch or not total_epochs
+                                   or score_warmup_steps >= steps_per_epoch * (total_epochs - 1)):
+            raise ValueError("score_warmup_steps needs steps_per_epoch and total_epochs, and must end "
+                             f"before the last epoch starts ({steps_per_epoch} x {total_epochs} steps)")
+        if score_normalization not in ("none", "layer"):
+            raise ValueError(f"score_normalization must be 'none' or 'layer', got {score_normalization!r}")
+        if max_swap_fraction is not None and not 0 <= max_swap_fraction <= 1:
+            raise ValueError(f"max_swap_fraction must be in [0, 1], got {max_swap_fraction}")
+        self.score_warmup_steps, self.score_lr_coupled = score_warmup_steps, score_lr_coupled
+        self.total_epochs, self.score_normalization = total_epochs, score_normalization
+        self.max_swap_fraction = max_swap_fraction
+        self.mask_hooks: list[MaskHook] = []
+        self.spec: Any = None  # the SparsitySpec it was built from (set by optg.create)
         self.model, self.plans, self.criterion, self.schedule = model, plans, criterion, schedule
         self.forward = forward
         self.method, self.seed = method, seed
@@ -168,8 +228,9 @@ class Sparsifier:
             all_reduce_mean(grads)  # every rank applies the same score update
             frozen = self.score_freeze_epoch is not None and self.epoch >= self.score_freeze_epoch
             factor = 0.0 if frozen else self.score_lr_factor
+            coupled = self.score_lr_coupled and not self.in_warmup
             for group in self.score_optimizer.param_groups:
-                group["lr"] = lr * factor * self.fraction
+                group["lr"] = lr * factor * (self.fraction if coupled else 1.0)
             self.score_optimizer.step()
             self.score_optimizer.zero_grad(set_to_none=True)
         self.step_in_epoch += 1
@@ -179,6 +240,27 @@ class Sparsifier:
                 and self.step_in_epoch < self.steps_per_epoch  # else start_epoch does it next
                 and not self.schedule.one_shot):
             self._update_masks(self.epoch + self.step_in_epoch / self.steps_per_epoch)
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while the score warm-up runs (nothing is pruned yet)."""
+        return self.global_step < self.score_warmup_steps
+
+    def schedule_progress(self, progress: float) -> float:
+        """The schedule's clock at `progress` epochs: with a warm-up of w epochs it starts at w
+        and is stretched so that the last epoch's start maps to itself (E - 1): the schedule's
+        fraction there, 1.0 for every schedule, still holds for the final epoch."""
+        if not self.score_warmup_steps:
+            return progress
+        assert self.steps_per_epoch and self.total_epochs
+        w = self.score_warmup_steps / self.steps_per_epoch
+        last = self.total_epochs - 1
+        return max(0.0, progress - w) * last / (last - w)
+
+    def add_mask_hook(self, hook: MaskHook) -> None:
+        """`hook(sparsifier, masks_before, progress)` runs after every mask update (the new masks
+        are in force); `masks_before`: the keep-masks by layer name before it."""
+        self.mask_hooks.append(hook)
 
     def _require_calibrated(self) -> None:
         if not self.calibrated:
@@ -190,15 +272,31 @@ class Sparsifier:
         Nothing to do for a forward rule that makes its masks itself (`scheduled` False)."""
         if not self.forward.scheduled:
             return
-        self.fraction = self.schedule.fraction(progress)
+        self.fraction = 0.0 if self.in_warmup else self.schedule.fraction(self.schedule_progress(progress))
+        before = {l.plan.name: l.mask.bool() for l in self.layers} if self.mask_hooks else {}
         by_kind: dict[str, list[LayerState]] = {}
         for layer in self.layers:
             by_kind.setdefault(layer.plan.kind, []).append(layer)
         for kind, layers in by_kind.items():
-            scores = [self.criterion.scores(l.plan.name, l.weight) for l in layers]
-            keep = MASK_RULES.get(kind)([l.plan for l in layers], scores, self.fraction)
+            ranking = getattr(self.criterion, "ranking", self.criterion.scores)
+            scores = [self._ranked(ranking(l.plan.name, l.weight)) for l in layers]
+            rule = MASK_RULES.get(kind)
+            plans = [l.plan for l in layers]
+            keep = rule(plans, scores, self.fraction)
+            if self.max_swap_fraction is not None:
+                keep = bound_swaps(rule, plans, scores, self.fraction, [l.mask.bool() for l in layers],
+                                   keep, self.max_swap_fraction)
             for layer, k in zip(layers, keep):
                 layer.mask.copy_(k)
+        for hook in self.mask_hooks:
+            hook(self, before, progress)
+
+    def _ranked(self, scores: torch.Tensor) -> torch.Tensor:
+        """What masks rank: the scores, or (`layer` normalisation) scores / mean |score|."""
+        if self.score_normalization == "none":
+            return scores
+        scores = scores.detach()
+        return scores / scores.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
 
     # ---------------------------------------------------------------- bake
     @torch.no_grad()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -75,6 +75,36 @@ class ScheduleSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class GuardSpec(BaseModel):
+    """The mask-update guard: the loss on `batches` fixed training batches before and after
+    each mask update; a rise above `threshold` (in loss units, nats) is a warning naming the
+    layer whose new mask alone raises the loss most."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batches: int = Field(2, ge=1, description="fixed training batches the loss is measured on")
+    threshold: float = Field(0.5, gt=0, description="loss rise that is reported as a warning")
+
+
+# Settings of `start: pretrained`, applied to every field the spec does not set itself.
+# Chosen by measurement (benchmarks/RESULTS.md, "From pretrained"); the rule for the warm-up
+# length in steps is `warmup_steps(...)`.
+PRETRAINED: dict[str, Any] = {
+    "score_lr_coupled": False,
+    "score_init": "live",
+    "score_init_scale": 0.1,
+    "guard": {"batches": 2, "threshold": 0.5},
+}
+PRETRAINED_WARMUP = (0.1, 500)  # warm-up = min(10% of the sparse phase's steps, 500 steps)
+
+
+def warmup_steps(total_steps: int) -> int:
+    """The pretrained warm-up length: a tenth of the phase, at most 500 optimizer steps, so a
+    20-step-epoch run warms up ~1 epoch and a 5000-step-epoch run a tenth of one."""
+    fraction, cap = PRETRAINED_WARMUP
+    return min(cap, int(fraction * total_steps))
+
+
 class SparsitySpec(BaseModel):
     """Method, pattern and target, plug-ins and their settings, layer selection."""
 
@@ -99,6 +129,23 @@ class SparsitySpec(BaseModel):
     score_momentum: float = Field(0.9, ge=0, lt=1, description="learned scores: SGD momentum")
     score_lr_factor: float = Field(1.0, ge=0, description="learned scores: lr = this * weight lr * p(e)/p_target")
     freeze_scores_last: int = Field(0, ge=0, description="learned scores: no updates in the last k epochs")
+    # ---- starting from trained weights (see `for_start` and README "OptG as implemented")
+    start: Literal["auto", "scratch", "pretrained"] = Field(
+        "auto", description="scratch: the authors' OptG; pretrained: the PRETRAINED settings for "
+                            "every field not set; auto: pretrained when training starts from trained weights")
+    score_warmup_steps: int = Field(0, ge=0, description="learned scores: optimizer steps of score "
+                                    "learning before the first prune; the schedule runs in the rest")
+    score_lr_coupled: bool = Field(True, description="learned scores: lr follows p(e)/p_target (authors); "
+                                   "False: lr = score_lr_factor * weight lr throughout")
+    score_init: Literal["zeros", "magnitude", "live"] = Field(
+        "zeros", description="learned scores start at 0, or at score_init_scale * |w| / mean |w| over all "
+                             "targets (magnitude), or masks rank scores + that prior of the current weights (live)")
+    score_init_scale: float = Field(1.0, ge=0, description="magnitude prior: scale of |w| / mean |w|")
+    score_normalization: Literal["none", "layer"] = Field(
+        "none", description="ranking: raw scores, or each layer's scores / their mean |score|")
+    max_swap_fraction: float | None = Field(None, ge=0, le=1, description="a mask update revives at most "
+                                            "this fraction of the previously kept count (None: unbounded)")
+    guard: GuardSpec | None = Field(None, description="loss on fixed batches before/after each mask update")
 
     # ------------------------------------------------------------------ field checks
     @model_validator(mode="before")
@@ -188,6 +235,34 @@ class SparsitySpec(BaseModel):
             raise ValueError("invalid sparsity settings:\n  - " + "\n  - ".join(
                 f"{'.'.join(map(str, p.loc))}: {p.message}" if p.loc else p.message for p in problems))
         return resolved
+
+    # ------------------------------------------------------------------ start mode
+    def resolved_start(self, from_trained: bool) -> Literal["scratch", "pretrained"]:
+        """`auto` is pretrained when training starts from trained weights, else scratch."""
+        if self.start == "auto":
+            return "pretrained" if from_trained else "scratch"
+        return self.start
+
+    def for_start(self, from_trained: bool, steps_per_epoch: int | None = None) -> SparsitySpec:
+        """This spec with its start mode applied: itself for scratch (the authors' OptG,
+        unchanged); for pretrained, a copy with `PRETRAINED` (and the warm-up of
+        `warmup_steps`, given `steps_per_epoch` and `epochs`) for every field not set here.
+        Only methods with learned scores take the score settings; every method takes the guard."""
+        start = self.resolved_start(from_trained)
+        if start == "scratch":
+            return self
+        learned = _resolve(self)[0]
+        presets = dict(PRETRAINED) if learned is not None and learned.criterion.learned else \
+            {"guard": PRETRAINED["guard"]}
+        if "score_init" in presets and steps_per_epoch and self.epochs:
+            # ends before the last epoch starts, whose mask is the final one
+            presets["score_warmup_steps"] = min(warmup_steps(steps_per_epoch * self.epochs),
+                                                max(0, steps_per_epoch * (self.epochs - 1) - 1))
+        updates = {k: v for k, v in presets.items() if k not in self.model_fields_set}
+        data = {**self.model_dump(exclude_unset=True, exclude={"schedule", "criterion", "forward"}),
+                "schedule": self.schedule, "criterion": self.criterion, "forward": self.forward,
+                **updates, "start": start}
+        return type(self).model_validate(data)
 
     # ------------------------------------------------------------------ typed views
     @property
@@ -304,6 +379,16 @@ def _resolve(spec: SparsitySpec) -> tuple[Resolved | None, list[Problem]]:
             problems.append(Problem(("freeze_scores_last",), f"applies to learned scores; "
                                     f"{_label('criterion', spec.criterion, criterion_name)} has none",
                                     spec.freeze_scores_last))
+    if criterion is not None and not criterion.learned:
+        for field in ("score_warmup_steps", "score_init", "score_init_scale", "score_lr_coupled",
+                      "score_normalization"):
+            if field in spec.model_fields_set and getattr(spec, field) != SparsitySpec.model_fields[field].default:
+                problems.append(Problem((field,), f"applies to learned scores; "
+                                        f"{_label('criterion', spec.criterion, criterion_name)} has none",
+                                        getattr(spec, field)))
+    if spec.score_warmup_steps and spec.epochs is None:
+        problems.append(Problem(("score_warmup_steps",), "needs epochs (the schedule runs after the warm-up)",
+                                spec.score_warmup_steps))
     if problems or criterion is None or forward is None or schedule is None or pattern is None:
         return None, problems
     return Resolved(method, pattern, criterion, schedule, forward), problems

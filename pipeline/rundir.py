@@ -6,18 +6,35 @@ config hash.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import datetime as dt
+import io
 import json
+import os
 import platform
 import shutil
+import tempfile
+from collections.abc import Collection, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
 from pydantic import ValidationError
 
-from pipeline.manifest import Artifact, Manifest, StageRecord
-from stages.io import atomic_write_json, sha256_file
+from pipeline import reuse
+from pipeline.manifest import Artifact, Manifest, Rerun, StageRecord
+from stages.io import atomic_write_json, atomic_write_text, sha256_file
+
+RUNNER_FILES = ("config.yaml", "metrics.csv")  # artifacts the runner rewrites on every (re)open
+OWN_SECTIONS = ("export", "verify")  # manifest sections named after the stage that writes them
+
+
+def looks_ours(raw: Any) -> bool:
+    """Recognisably a manifest this tool wrote (any schema version): what `--force` may clear."""
+    return (isinstance(raw, dict) and isinstance(raw.get("schema"), int) and not isinstance(raw.get("schema"), bool)
+            and all(isinstance(raw.get(key), str) for key in ("name", "status", "config_hash")))
 
 
 class RunDirConflict(RuntimeError):
@@ -46,6 +63,9 @@ class RunDir:
         self.manifest_path = self.path / "manifest.json"
         self.checkpoints = self.path / "checkpoints"
         self._manifest: Manifest | None = None
+        self._reasons: list[str] = []
+        self.new_reruns: list[Rerun] = []  # what this open decided to redo, and why
+        self.current_stage: str | None = None  # set by the runner: the stage add_artifact credits
 
     @property
     def manifest(self) -> Manifest:
@@ -53,19 +73,37 @@ class RunDir:
             raise RuntimeError(f"run directory {self.path} is not open")
         return self._manifest
 
-    def open(self, name: str, config_hash: str, force: bool) -> bool:
-        """Create or reopen. Returns True when resuming. Refuses another config's directory."""
-        if self.manifest_path.exists():
-            old: Manifest | None = None
-            try:
-                old = Manifest.model_validate(json.loads(self.manifest_path.read_text()))
-            except (OSError, ValueError, ValidationError) as exc:
-                if not force:
-                    raise RunDirConflict(f"{self.manifest_path} is unreadable ({exc}); use --force to start over")
-            if old is not None and old.config_hash == config_hash and not force:
-                for stale in self.path.rglob(".*.tmp"):  # left by a hard kill mid-write
-                    stale.unlink()
+    def open(self, name: str, config_hash: str, force: bool, fingerprints: dict[str, str] | None = None,
+             redoable: Collection[str] = (), resolved: dict[str, Any] | None = None) -> bool:
+        """Create or reopen. Returns True when resuming (or reusing finished stages).
+
+        Refuses (RunDirConflict, exit 2) whatever the flags: an `--out` that is not a writable
+        directory, and a non-empty directory without a manifest of ours (`--force` only ever
+        clears a run directory). Without `--force` it also refuses another config's directory,
+        unless only stages in `redoable` changed (`pipeline.reuse`): those are redone, and
+        `reruns` says which and why. On every reopen, each recorded artifact's sha256 is
+        checked; a stage whose file changed or vanished is redone (see `check_artifacts`).
+        """
+        self._check_writable()
+        if self.manifest_path.exists() or self.manifest_path.is_symlink():
+            old = self._read_manifest(force)
+            if old is not None and not force:
+                reused = old.config_hash == config_hash or self._reuse(old, fingerprints, redoable, resolved)
+                if not reused:
+                    raise RunDirConflict(
+                        f"run directory {self.path} was made by a different config (hash "
+                        f"{old.config_hash[:12]} vs {config_hash[:12]}"
+                        + (f"; changed: {', '.join(self._reasons)}" if self._reasons else "")
+                        + "); use --force to start over there, or --out to pick another directory")
+                for stale in list(self.path.rglob(".*.tmp")):  # left by a hard kill mid-write
+                    if stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
                 self._manifest = old
+                old.config_hash = config_hash
+                if fingerprints is not None:
+                    old.fingerprints = dict(fingerprints)
                 old.resumed += 1
                 now = versions()
                 if now != old.versions:  # resumed under other software: say so
@@ -74,22 +112,129 @@ class RunDir:
                 old.status = "running"
                 old.unset("error")
                 return True
-            if not force:
-                assert old is not None
-                raise RunDirConflict(
-                    f"run directory {self.path} was made by a different config (hash "
-                    f"{old.config_hash[:12]} vs {config_hash[:12]}); use --force to start "
-                    f"over there, or --out to pick another directory")
-            shutil.rmtree(self.path)
+            shutil.rmtree(self.path)  # forced, and the manifest is ours
         elif self.path.exists() and any(self.path.iterdir()):
-            if not force:
-                raise RunDirConflict(f"{self.path} exists, is not empty and has no manifest.json; "
-                                     "refusing to write into it (use --force to replace it, or --out)")
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+            raise RunDirConflict(f"{self.path} is not empty and holds no manifest.json of an optg run; "
+                                 "it is never written into or cleared, with or without --force: "
+                                 "pick another --out, or empty or remove it yourself")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirConflict(f"cannot create run directory {self.path}: {exc.strerror or exc}") from None
         self._manifest = Manifest.start(name, config_hash, _now(), versions())
+        if fingerprints is not None:
+            self._manifest.fingerprints = dict(fingerprints)
         self.save()
         return False
+
+    # ------------------------------------------------------------------ open's checks
+    def _check_writable(self) -> None:
+        """`--out` must be (or become) a directory this process can write: one line, exit 2."""
+        existing = next((p for p in (self.path, *self.path.parents) if p.exists() or p.is_symlink()), None)
+        if existing is not None and not existing.is_dir():
+            what = "is not a directory" if existing == self.path else f"is inside {existing}, which is not a directory"
+            raise RunDirConflict(f"--out {self.path} {what}")
+        if existing is None:
+            return
+        try:  # permission bits do not say it all (root, read-only mounts): try it
+            fd, probe = tempfile.mkstemp(prefix=".optg-write-probe.", suffix=".tmp", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise RunDirConflict(f"--out {self.path}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+    def _read_manifest(self, force: bool) -> Manifest | None:
+        """The manifest, or None when it is ours but unreadable and `force` clears it. A file
+        that is not recognisably ours is refused even with `force`: the directory stays."""
+        try:
+            raw = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunDirConflict(f"unreadable manifest {self.manifest_path} ({exc}); the directory is left "
+                                 "untouched, with or without --force: pick another --out, or remove it yourself")
+        if not looks_ours(raw):
+            raise RunDirConflict(f"unreadable manifest {self.manifest_path}: not the manifest of an optg run "
+                                 "(a JSON object with schema, name, status, config_hash); the directory is left "
+                                 "untouched, with or without --force: pick another --out, or remove it yourself")
+        try:
+            return Manifest.model_validate(raw)
+        except (ValueError, ValidationError) as exc:
+            if force:
+                return None
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RunDirConflict(f"unreadable manifest {self.manifest_path} ({detail}); use --force to start "
+                                 "over there, or --out to pick another directory") from None
+
+    def _reuse(self, old: Manifest, fingerprints: dict[str, str] | None, redoable: Collection[str],
+               resolved: dict[str, Any] | None) -> bool:
+        """Another config: True when only redoable stages changed (they are marked to redo)."""
+        self._reasons = []
+        if fingerprints is None or not old.fingerprints:
+            return False
+        stale = reuse.changed(old.fingerprints, fingerprints)
+        self._reasons = self._changed_keys(resolved) or [f"the inputs of {', '.join(stale)}"]
+        if not stale or any(name not in redoable for name in stale):
+            return not stale
+        reason = "config changed: " + ", ".join(self._reasons)
+        self._manifest = old
+        self.invalidate(stale, reason)
+        self._manifest = None
+        return True
+
+    def _changed_keys(self, resolved: dict[str, Any] | None) -> list[str]:
+        """The dotted keys that differ from the run's recorded config.yaml (for messages)."""
+        if resolved is None:
+            return []
+        try:
+            old = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return []
+        ignored = set(reuse.IGNORED)
+        return [key for key in reuse.changed_keys(old, resolved) if not any(
+            key == i or key.startswith(i + ".") for i in ignored)]
+
+    # ------------------------------------------------------------------ artifacts and reruns
+    def invalidate(self, stages: Iterable[str], reason: str) -> list[str]:
+        """Forget that `stages` finished (their artifacts too, files included) so they run again;
+        records a `reruns` entry. Returns the stages that had finished."""
+        names = [s for s in stages if s in self.manifest.stages]
+        if not names:
+            return []
+        for name in names:
+            del self.manifest.stages[name]
+            if name in OWN_SECTIONS:  # its result goes too: a stage now disabled leaves none behind
+                self.manifest.unset(name)
+        for key, artifact in list(self.manifest.artifacts.items()):
+            if artifact.stage in names:
+                (self.path / artifact.path).unlink(missing_ok=True)
+                del self.manifest.artifacts[key]
+        rerun = Rerun(at=_now(), stages=names, reason=reason)
+        self.manifest.reruns = [*self.manifest.reruns, rerun]
+        self.new_reruns.append(rerun)
+        return names
+
+    def check_artifacts(self, order: Sequence[str]) -> None:
+        """Re-hash every recorded artifact. One that is missing or changed makes the stage that
+        wrote it, and every later stage in `order`, run again (a `reruns` entry names the file);
+        an artifact no stage owns is refused naming the file, except those the runner rewrites
+        itself (config.yaml, metrics.csv)."""
+        for key, artifact in list(self.manifest.artifacts.items()):
+            path = self.path / artifact.path
+            if not path.is_file():
+                problem = "is missing"
+            elif sha256_file(path) != artifact.sha256:
+                problem = f"does not match the sha256 in the manifest ({artifact.sha256[:12]}...)"
+            else:
+                continue
+            if artifact.stage is None:
+                if key in RUNNER_FILES:
+                    continue
+                raise RunDirConflict(f"{path} {problem}, and the manifest does not say which stage wrote it; "
+                                     "use --force to start over, or restore the file")
+            if artifact.stage not in order:
+                raise RunDirConflict(f"{path} {problem}, and its stage {artifact.stage!r} is not in this "
+                                     "pipeline; use --force to start over, or restore the file")
+            later = list(order)[list(order).index(artifact.stage):]
+            self.invalidate(later, f"{artifact.path} {problem}")
 
     def save(self) -> None:
         self.manifest.updated = _now()
@@ -105,4 +250,20 @@ class RunDir:
     def add_artifact(self, key: str, path: Path) -> None:
         path = Path(path)
         self.manifest.artifacts[key] = Artifact(path=str(path.relative_to(self.path)), bytes=path.stat().st_size,
-                                                sha256=sha256_file(path))
+                                                sha256=sha256_file(path),
+                                                **({"stage": self.current_stage} if self.current_stage else {}))
+
+    def write_metrics_csv(self) -> None:
+        """`metrics.csv`: one row per finished epoch (the manifest's history), for following a run."""
+        fields = ["phase", "epoch", "train_loss", "train_accuracy", "val_accuracy", "sparsity", "lr", "seconds"]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for record in self.manifest.history:
+            writer.writerow(dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record))
+        path = atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+        stage, self.current_stage = self.current_stage, None
+        try:
+            self.add_artifact("metrics.csv", path)
+        finally:
+            self.current_stage = stage

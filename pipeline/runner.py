@@ -17,12 +17,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from pipeline.config import ConfigError, PipelineConfig, config_hash, dump_yaml
-from pipeline.manifest import ErrorRecord, Manifest, Status
+from pipeline import reuse
+from pipeline.config import ConfigError, PipelineConfig, config_hash, dump_yaml, resolved_dict
+from pipeline.manifest import Environment, ErrorRecord, Manifest, Status
 from pipeline.rundir import RunDir
 from pipeline.stage_table import STAGES, RunContext, Stage, debug_signal_hook
-from stages.base import ConfigFieldError, GateFailure
-from stages.io import atomic_write_text
+from pipeline.tracking import build_tracking, record_metrics
+from stages.base import ConfigFieldError, GateFailure, StageError
+from stages.io import WriteError, atomic_write_text
+from stages.train import EpochRecord
+
+
+class UserExit(StageError):
+    """Code run by a stage (a model or data plugin) called `sys.exit`: the run failed (exit 1)."""
 
 
 @dataclass
@@ -31,6 +38,16 @@ class RunOptions:
     force: bool = False
     quiet: bool = False
     progress: bool = False
+    command: list[str] | None = None  # the command line for the manifest (default sys.argv)
+
+
+def record_run_facts(manifest: Manifest, cfg: PipelineConfig, device: torch.device,
+                     command: list[str] | None) -> None:
+    """The manifest's top-level method/pattern/target (what a release step branches on) and the
+    environment of this invocation."""
+    manifest.method, manifest.pattern = cfg.sparsity.method, str(cfg.sparsity.pattern)
+    manifest.target = cfg.sparsity.as_pattern.target
+    manifest.environment = Environment.current(device, command)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,22 +66,35 @@ class Runner:
         self.cfg, self.options = cfg, options
         self.log = log or ((lambda msg: None) if options.quiet else (lambda msg: print(msg, file=sys.stderr)))
         self.run = RunDir(options.out or Path("runs") / cfg.name)
+        self.table = list(stages)
         self.stages = [stage for stage in stages if stage.enabled(cfg)]
         self.ctx = RunContext(cfg, self.run, resolve_device(cfg.device), self.log, progress=options.progress,
-                              on_step=debug_signal_hook())
+                              on_step=debug_signal_hook(), on_epoch=self._log_epoch)
+        self.tracking = build_tracking(cfg.tracking, self.log)
+        self.failed_stage: str | None = None
+
+    def _log_epoch(self, record: EpochRecord) -> None:
+        self.tracking.log_epoch(record.phase, record.epoch, record_metrics(record))
 
     # ------------------------------------------------------------------ one stage
     def _run_stage(self, stage: Stage) -> None:
         """Run `stage`, record it done (or failed, then re-raise) with its seconds."""
         started = time.perf_counter()
         self.log(f"[{stage.name}] ...")
+        self.run.current_stage = stage.name
         try:
             stage.run(self.ctx)
         except BaseException as exc:
+            self.failed_stage = stage.name
             self.run.record_stage(stage.name, "failed", time.perf_counter() - started)
             if stage.section and isinstance(exc, (ConfigFieldError, GateFailure)):
                 exc.locate(stage.section)
+            if isinstance(exc, SystemExit):  # a plugin's sys.exit(0) must not end the run as a success
+                raise UserExit(f"stage {stage.name!r}: code it ran called sys.exit({exc.code!r}); the run "
+                               "stopped there and failed (a stage never ends the process)") from exc
             raise
+        finally:
+            self.run.current_stage = None
         seconds = time.perf_counter() - started
         if not self.run.stage_done(stage.name):
             self.run.record_stage(stage.name, "done", seconds)
@@ -82,10 +112,24 @@ class Runner:
     def execute(self) -> Manifest:
         """Run every stage not yet done. Raises GateFailure / StageError after recording them."""
         cfg = self.cfg
-        resumed = self.run.open(cfg.name, config_hash(cfg), self.options.force)
+        resolved = resolved_dict(cfg)
+        resumed = self.run.open(cfg.name, config_hash(cfg), self.options.force,
+                                fingerprints=reuse.fingerprints(resolved, self.table),
+                                redoable={s.name for s in self.table if s.redoable},
+                                resolved=resolved)
         self.log(f"{'resuming' if resumed else 'starting'} run {cfg.name!r} in {self.run.path} on {self.ctx.device}")
+        record_run_facts(self.run.manifest, cfg, self.ctx.device, self.options.command)
+        if resumed:
+            self.run.check_artifacts([s.name for s in self.table])
+            for rerun in self.run.new_reruns:
+                self.log(f"redoing {', '.join(rerun.stages)}: {rerun.reason}")
         atomic_write_text(self.run.path / "config.yaml", dump_yaml(cfg))
         self.run.add_artifact("config.yaml", self.run.path / "config.yaml")
+        self.run.write_metrics_csv()
+        self.run.save()
+        if self.tracking.enabled:
+            self.run.manifest.tracking = self.tracking.start(resolved, self.run.path)
+            self.run.save()
         restorers = self._restorers()
         try:
             for stage in self.stages:
@@ -103,24 +147,49 @@ class Runner:
             for stage in self.stages:
                 if stage.epilogue:
                     self._run_stage(stage)
+            self.tracking.log_final(self.run.manifest.metrics.model_dump(mode="json"))
         except GateFailure as exc:
             self._fail("gate_failed", exc, gate=exc.gate)
             raise
         except KeyboardInterrupt as exc:
             self._fail("interrupted", exc)
             raise
+        except SystemExit as exc:  # from a restore: user code never ends a run as a success
+            error = UserExit(f"code run while restoring called sys.exit({exc.code!r}); the run failed")
+            self._fail("failed", error)
+            raise error from exc
         except Exception as exc:
             self._fail("failed", exc)
             raise
         finally:
             self.run.save()
+            if self.tracking.enabled:
+                self._finish_tracking()
         return self.run.manifest
+
+    def _finish_tracking(self) -> None:
+        """Send the artifacts and the status to the trackers; never changes the outcome."""
+        files = [self.run.path / a.path for a in self.run.manifest.artifacts.values()]
+        self.tracking.log_artifacts([f for f in files if f.is_file()] + [self.run.manifest_path])
+        self.run.manifest.tracking = self.tracking.finish(self.run.manifest.status)
+        self.run.save()
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(self.run.path.resolve()))
+        except ValueError:
+            return str(path)
 
     def _fail(self, status: Status, exc: BaseException, gate: str | None = None) -> None:
         self.run.manifest.status = status
-        self.run.manifest.error = ErrorRecord(type=type(exc).__name__, gate=gate, message=str(exc))
+        write = exc if isinstance(exc, WriteError) else None
+        where = {"stage": self.failed_stage} if self.failed_stage else {}
+        if write is not None:
+            where["file"] = self._relative(write.path)
+        self.run.manifest.error = ErrorRecord(type=type(exc).__name__, gate=gate, message=str(exc), **where)
         if status != "gate_failed":
             return
+        self.tracking.log_final(self.run.manifest.metrics.model_dump(mode="json"))
         for stage in self.stages:  # a failed gate still leaves a readable report of what was measured
             if stage.epilogue:
                 try:

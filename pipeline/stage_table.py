@@ -10,6 +10,7 @@ has a result to keep, a field in `pipeline.manifest`).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ from torch import nn
 
 import optg
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.manifest import DataSummary, ExportRecord, Manifest
+from pipeline.manifest import DataSummary, Deployment, ExportRecord, Manifest
 from pipeline.rundir import RunDir
 from stages import bake as bake_stage
 from stages import benchmark as benchmark_stage
@@ -38,7 +39,7 @@ from stages.data import DataBundle, load_data
 from stages.export import export_onnx
 from stages.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from stages.model import build_model
-from stages.train import StepHook, TrainConfig, Trainer, evaluate
+from stages.train import EpochRecord, StepHook, TrainConfig, Trainer, evaluate
 
 DEBUG_SIGNAL_ENV = "OPTG_DEBUG_SIGNAL_AT"
 
@@ -53,6 +54,7 @@ class RunContext:
     log: Callable[[str], None]
     progress: bool = False
     on_step: StepHook | None = None
+    on_epoch: Callable[[EpochRecord], None] | None = None  # after each epoch's checkpoint (tracking)
     bundle_: DataBundle | None = None
     model_: nn.Module | None = None
     sparsifier_: optg.Sparsifier | None = None
@@ -96,6 +98,10 @@ class Stage:
         failed gate too (unrecorded then), so its output says how the run ended.
     section: the config section whose fields the stage's errors name ("validate" turns
         `max_accuracy_drop` into `validate.max_accuracy_drop`).
+    inputs: the config keys (dotted) its result depends on, besides the stages before it; a
+        rerun of the run directory with a config that changes them redoes it (`pipeline.reuse`).
+    redoable: a changed config may redo it on the same run directory without `--force`; a
+        change that reaches a stage that is not redoable (training, the data) is refused.
     """
 
     name: str
@@ -106,6 +112,8 @@ class Stage:
     rerun: bool = False
     epilogue: bool = False
     section: str | None = None
+    inputs: tuple[str, ...] = ()
+    redoable: bool = False
 
 
 # --------------------------------------------------------------------------- adapters
@@ -145,11 +153,21 @@ def _run_phase(ctx: RunContext, trainer: Trainer, checkpoint: Path) -> None:
     if checkpoint.exists():
         trainer.load_state_dict(_load_checkpoint(checkpoint, ctx.device))
         ctx.log(f"[{trainer.phase}] resuming at epoch {trainer.next_epoch + 1}/{trainer.cfg.epochs}")
+    manifest = ctx.run.manifest
+    for record in trainer.history:  # epochs of an earlier session (tracking skips those it has)
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(record)
+
     def save(t: Trainer) -> None:
+        """Checkpoint, then the manifest's history and metrics.csv: a long run can be followed."""
         atomic_torch_save(t.state_dict(), checkpoint)
+        manifest.history = [h for h in manifest.history if h.phase != t.phase] + list(t.history)
+        ctx.run.write_metrics_csv()
+        ctx.run.save()
+        if ctx.on_epoch is not None and t.history:
+            ctx.on_epoch(t.history[-1])
 
     trainer.run(on_epoch_end=save)
-    manifest = ctx.run.manifest
     manifest.history = [h for h in manifest.history if h.phase != trainer.phase] + list(trainer.history)
 
 
@@ -174,8 +192,9 @@ def run_sparsify(ctx: RunContext) -> None:
     the restore: with every epoch checkpointed it trains zero epochs and leaves the sparsifier."""
     cfg, data = ctx.cfg.sparsity, ctx.cfg.data
     steps = len(ctx.bundle.loader("train", data.batch_size, shuffle=True))
-    sparsifier = ctx.sparsifier_ = sparsify_stage.build_sparsifier(ctx.model, cfg, steps_per_epoch=steps,
-                                                                   seed=ctx.cfg.seed)
+    sparsifier = ctx.sparsifier_ = sparsify_stage.build_sparsifier(
+        ctx.model, cfg, steps_per_epoch=steps, seed=ctx.cfg.seed,
+        from_trained=ctx.cfg.train is not None or ctx.cfg.model.weights is not None)
     checkpoint = ctx.run.checkpoints / "sparse.pt"
     trainer = _trainer(ctx, "sparse", cfg, sparsifier)
     if not checkpoint.exists():
@@ -222,11 +241,20 @@ def run_export(ctx: RunContext) -> None:
                 "optg.target": str(target),
                 "optg.targeted_sparsity": f"{manifest.metrics.targeted_sparsity or 0:.6f}",
                 "optg.version": manifest.versions["optg-pipeline"]}
+    bundle = ctx.bundle
+    if bundle.class_names is not None:
+        metadata["optg.class_names"] = json.dumps(bundle.class_names)
+    if bundle.preprocessing is not None:
+        metadata["optg.preprocessing"] = json.dumps(bundle.preprocessing)
     ctx.model.eval().cpu()
     result = export_onnx(ctx.model, _onnx_inputs(ctx)[:2], ctx.run.path / "model.onnx", ctx.cfg.export, metadata)
+    manifest.deployment = Deployment(inputs=result.inputs, outputs=result.outputs,  # type: ignore[arg-type]
+                                     class_names=bundle.class_names, preprocessing=bundle.preprocessing)
     ctx.run.add_artifact("model.onnx", result.path)
     if result.compact_path is not None:
         ctx.run.add_artifact("model.compact.onnx", result.compact_path)
+    for sidecar in result.data_paths:  # weights of a model over ~1.8 GB, beside the .onnx
+        ctx.run.add_artifact(sidecar.name, sidecar)
     manifest.export = ExportRecord.of(result, ctx.run.path)
     for note in result.warnings:
         ctx.log(f"[export] note: {note}")
@@ -355,6 +383,7 @@ def report_input(ctx: RunContext) -> report_stage.ReportInput:
         name=m.name, status=m.status, failed_gate=m.error.gate if m.error else None,
         error=m.error.message if m.error else None, method=s.method, pattern=s.pattern, target=s.target,
         config_hash=m.config_hash, **{k: getattr(m.metrics, k) for k in shown},
+        max_accuracy_drop=ctx.cfg.validate.max_accuracy_drop, min_accuracy=ctx.cfg.validate.min_accuracy,
         stages=[report_stage.StageRow(name=k, status=v.status, seconds=v.seconds) for k, v in m.stages.items()],
         layers=m.metrics.layers, onnx_layers=m.verify.layers if m.verify else [],
         artifacts=[report_stage.ArtifactRow(**a.model_dump()) for a in m.artifacts.values()],
@@ -379,21 +408,24 @@ def run_report(ctx: RunContext) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", run_data, rerun=True),
-    Stage("model", run_model, rerun=True),
+    Stage("data", run_data, rerun=True, inputs=("seed", "device", "data")),
+    Stage("model", run_model, rerun=True, inputs=("model",)),
     Stage("train", run_dense, enabled=lambda c: c.train is not None, restore=restore_dense, state="weights",
-          section="train"),
+          section="train", inputs=("train",)),
     Stage("reference", run_reference, enabled=lambda c: c.train is not None or c.model.weights is not None),
     Stage("reference_onnx", run_reference_onnx, enabled=lambda c: c.benchmark_active, section="export"),
     Stage("structured", run_structured, enabled=lambda c: c.structured is not None, restore=restore_structured,
-          state="architecture", section="structured"),
-    Stage("sparsify", run_sparsify, restore=run_sparsify, state="weights", section="sparsity"),
+          state="architecture", section="structured", inputs=("structured",)),
+    Stage("sparsify", run_sparsify, restore=run_sparsify, state="weights", section="sparsity", inputs=("sparsity",)),
     Stage("bake", run_bake, restore=restore_baked, state="weights"),
-    Stage("validate", run_validate, section="validate"),
-    Stage("export", run_export, enabled=lambda c: c.export.enabled, section="export"),
-    Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify"),
-    Stage("benchmark", run_benchmark, enabled=lambda c: c.benchmark_active, section="validate"),
-    Stage("report", run_report, epilogue=True, section="report"),
+    Stage("validate", run_validate, section="validate", inputs=("validate",), redoable=True),
+    Stage("export", run_export, enabled=lambda c: c.export.enabled, section="export", inputs=("export",),
+          redoable=True),
+    Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify", inputs=("verify",),
+          redoable=True),
+    Stage("benchmark", run_benchmark, enabled=lambda c: c.benchmark_active, section="validate",
+          inputs=("benchmark",), redoable=True),
+    Stage("report", run_report, epilogue=True, section="report", inputs=("report",), redoable=True),
 )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import tempfile
@@ -38,7 +39,7 @@ from pydantic import field_validator
 from torch import nn
 
 from stages.base import StageError, StrictModel, eval_mode
-from stages.io import atomic_write
+from stages.io import WriteError, atomic_write
 
 COMPACT_MIN_SPARSITY = 0.5
 _COMPACT_MIN_NUMEL = 64  # tiny tensors are not worth an index array
@@ -89,6 +90,26 @@ class ExportResult:
     opset: int = 18
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    data_paths: list[Path] = field(default_factory=list)  # external-data sidecars ("<file>.data"), if any
+    inputs: list[dict] = field(default_factory=list)  # graph_io: name, shape (ints or dim names), dtype
+    outputs: list[dict] = field(default_factory=list)
+
+
+def graph_io(proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    """The graph's real inputs (initializers left out) and outputs as written in the file:
+    {"name", "shape" (an int per fixed dim, the dim's name for a symbolic one such as the
+    batch), "dtype"}; what a deployment needs to feed the model and read its result."""
+    initializers = {t.name for t in proto.graph.initializer}
+
+    def spec(value: onnx.ValueInfoProto) -> dict:
+        tensor = value.type.tensor_type
+        dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                 for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?"
+        return {"name": value.name, "shape": dims, "dtype": dtype}
+
+    return ([spec(i) for i in proto.graph.input if i.name not in initializers],
+            [spec(o) for o in proto.graph.output])
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: ExportConfig,
@@ -123,24 +144,25 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
     if proto is None:
         raise StageError("ONNX export failed: " + " | ".join(errors))
 
+    inputs, outputs = graph_io(proto)
     props = {**{str(k): str(v) for k, v in metadata.items()}, "exporter": used, "dtype": cfg.dtype,
-             "opset": str(cfg.opset)}
+             "opset": str(cfg.opset), "optg.inputs": json.dumps(inputs), "optg.outputs": json.dumps(outputs)}
     set_metadata(proto, props)
-    initializers = {t.name for t in proto.graph.initializer}
-    input_names = [i.name for i in proto.graph.input if i.name not in initializers]
-    output_names = [o.name for o in proto.graph.output]
+    input_names = [i["name"] for i in inputs]
+    output_names = [o["name"] for o in outputs]
     compact = make_compact(proto) if cfg.compact else None  # before saving: external data mutates proto
-    atomic_save(proto, path)
+    sidecars = [atomic_save(proto, path)]
 
     compact_path = compact_size = None
     if compact is not None:
         compact_path = path.with_name(path.stem + ".compact.onnx")
-        atomic_save(compact, compact_path)
+        sidecars.append(atomic_save(compact, compact_path))
         compact_size = compact_path.stat().st_size
     return ExportResult(path=path, exporter=used, seconds=time.perf_counter() - start,
                         size_bytes=path.stat().st_size, warnings=notes, compact_path=compact_path,
                         compact_size_bytes=compact_size, dtype=cfg.dtype, opset=cfg.opset,
-                        input_names=input_names, output_names=output_names)
+                        input_names=input_names, output_names=output_names, inputs=inputs, outputs=outputs,
+                        data_paths=[p for p in sidecars if p is not None])
 
 
 def _as_fp32(example: torch.Tensor) -> torch.Tensor:
@@ -231,23 +253,35 @@ def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
-def atomic_save(proto: onnx.ModelProto, path: Path) -> None:
+def atomic_save(proto: onnx.ModelProto, path: Path) -> Path | None:
     """Write through `stages.io.atomic_write` (temp file, fsync, rename): never a truncated file.
 
-    Models over ~1.8 GB keep their weights in "<name>.data" beside the file (written before the
-    .onnx appears under its final name).
+    Models over ~1.8 GB (`_EXTERNAL_DATA_BYTES`) keep their weights in "<name>.data" beside the
+    file: both are written into a hidden staging folder next to `path`, then the sidecar and
+    after it the .onnx are renamed into place, each atomically, so the .onnx never appears
+    before its weights. Returns the sidecar's path (None when the weights are inline; a stale
+    sidecar of an earlier, larger export is removed then).
     """
     path = Path(path)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-
-    def write(tmp: Path) -> None:
-        if weight_bytes > _EXTERNAL_DATA_BYTES:
-            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data")
-        else:
-            onnx.save_model(proto, str(tmp))
-
-    atomic_write(path, write)
+    sidecar = path.with_name(path.name + ".data")
+    if weight_bytes <= _EXTERNAL_DATA_BYTES:
+        atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp)))
+        sidecar.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent) as staging:
+        staged = Path(staging) / path.name
+        try:
+            onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=sidecar.name)
+        except (OSError, ValueError) as exc:
+            raise WriteError(sidecar, f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)) from exc
+        staged_data = Path(staging) / sidecar.name
+        if staged_data.exists():
+            atomic_write(sidecar, lambda tmp: os.replace(staged_data, tmp))
+        atomic_write(path, lambda tmp: os.replace(staged, tmp))
+    return sidecar if sidecar.exists() else None
 
 
 def make_compact(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -26,14 +26,16 @@ def plan(model: nn.Module, cfg: SparsityConfig) -> list[optg.LayerPlan]:
 
 
 def build_sparsifier(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: int,
-                     seed: int) -> optg.Sparsifier:
-    """Plan target layers and attach. The model must already be on its training device."""
-    return _create(model, cfg, steps_per_epoch=steps_per_epoch, seed=seed).attach()
+                     seed: int, from_trained: bool = False) -> optg.Sparsifier:
+    """Plan target layers and attach. The model must already be on its training device.
+    from_trained: the model holds trained weights (a dense phase ran or `model.weights` was
+    loaded), which makes `sparsity.start: auto` the pretrained mode."""
+    return _create(model, cfg, steps_per_epoch=steps_per_epoch, seed=seed, from_trained=from_trained).attach()
 
 
-def _create(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: int, seed: int) -> optg.Sparsifier:
-    return optg.create(cfg, model, steps_per_epoch=steps_per_epoch if cfg.update_every_steps else None,
-                       seed=seed)
+def _create(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: int, seed: int,
+            from_trained: bool = False) -> optg.Sparsifier:
+    return optg.create(cfg, model, steps_per_epoch=steps_per_epoch, seed=seed, from_trained=from_trained)
 
 
 def calibrate_if_needed(sparsifier: optg.Sparsifier, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -18,7 +18,7 @@ from pydantic import Field, Strict, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from optg import Sparsifier
+from optg import LossGuard, Sparsifier
 from stages.base import ConfigFieldError, FieldProblem, StageError, StrictModel, eval_mode
 from stages.data import DataBundle
 from stages.data.loading import EpochLoader
@@ -69,6 +69,7 @@ class EpochRecord:
     sparsity: float
     lr: float
     seconds: float
+    mask_update_loss_delta: float | None = None  # largest guard-measured rise this epoch
 
 
 def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -188,6 +189,26 @@ class Trainer:
         self.autocast = (device.type == "cuda" and cfg.amp and torch.cuda.is_bf16_supported())
         self.next_epoch = 0
         self.history: list[EpochRecord] = []
+        self.guard = self._guard()
+
+    def _guard(self) -> LossGuard | None:
+        """The mask-update guard the sparsifier's settings ask for (`guard: {batches,
+        threshold}`), on the first batches of a fixed-seed pass over the training data."""
+        spec = getattr(self.sparsifier, "spec", None)
+        settings = getattr(spec, "guard", None)
+        if self.sparsifier is None or settings is None:
+            return None
+        batches = []
+        loader = self.bundle.loader("train", self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
+                                    world_size=self.world_size, device=self.device)
+        loader.set_epoch(0)
+        for x, y in loader:
+            batches.append((x.to(self.device), y.to(self.device)))
+            if len(batches) == settings.batches:
+                break
+        guard = LossGuard(batches, lambda logits, y: F.cross_entropy(logits.float(), y), settings.threshold)
+        self.sparsifier.add_mask_hook(guard)
+        return guard
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -244,6 +265,7 @@ class Trainer:
             torch.manual_seed(self.seed * 1_000 + PHASE_SEEDS.get(self.phase, 0))
         for epoch in range(self.next_epoch, self.cfg.epochs):
             started = time.perf_counter()
+            seen_events = len(self.guard.events) if self.guard else 0
             if self.sparsifier is not None:
                 self.sparsifier.start_epoch(epoch)
             try:
@@ -253,17 +275,22 @@ class Trainer:
                     raise StageError(f"train.compile: torch.compile failed on this machine ({exc}); "
                                      "set compile: false") from exc
                 raise
+            events = self.guard.events[seen_events:] if self.guard else []
             val = evaluate(self.model, self.bundle, "val", self.device, loader=self.val_loader,
                            world_size=self.world_size)
             sparsity = self.sparsifier.sparsity() if self.sparsifier else 0.0
             record = EpochRecord(self.phase, epoch, loss_sum / max(1, seen), correct / max(1, seen),
                                  val, sparsity, self.optimizer.param_groups[0]["lr"],
-                                 time.perf_counter() - started)
+                                 time.perf_counter() - started,
+                                 max((e.delta for e in events), default=None))
             self.history.append(record)
             self.next_epoch = epoch + 1
             self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
                      f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} "
                      f"({record.seconds:.1f}s)")
+            for event in events:
+                if event.warning:
+                    self.log(f"[{self.phase}] WARNING: {event.message()}")
             if on_epoch_end is not None:
                 on_epoch_end(self)
 

@@ -5,6 +5,7 @@ Config problems exit 2 before anything is written, with a message that names the
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -208,6 +209,11 @@ def test_tampered_checkpoint_is_refused_on_rerun(tmp_path: Path, tiny_config, ca
     marker = tmp_path / "PWNED"
     state["history"] = _Planted(marker)
     torch.save(state, checkpoint)
+    # a finished run restores only its baked weights; as if it had stopped after the dense
+    # phase, the rerun must restore the dense weights from dense.pt
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"] = {k: v for k, v in manifest["stages"].items() if k in ("data", "model", "train", "reference")}
+    (run / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(args) == 1
     err = capsys.readouterr().err

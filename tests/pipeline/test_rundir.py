@@ -20,7 +20,7 @@ def test_new_run_directory_has_the_start_manifest(tmp_path):
     assert run.open("tiny", "h" * 64, force=False) is False
     data = _json(run)
     assert list(data) == START_KEYS
-    assert data["schema"] == SCHEMA_VERSION == 2
+    assert data["schema"] == SCHEMA_VERSION == 3
     assert (data["name"], data["status"], data["resumed"]) == ("tiny", "running", 0)
     assert data["stages"] == {} and data["metrics"] == {} and data["artifacts"] == {} and data["history"] == []
     assert set(data["versions"]) == {"python", "torch", "onnx", "onnxruntime", "optg-pipeline"}
@@ -88,19 +88,33 @@ def test_another_config_or_a_foreign_directory_is_refused_unless_forced(tmp_path
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    with pytest.raises(RunDirConflict, match="no manifest.json"):
-        RunDir(foreign).open("tiny", "h", force=False)
-    assert (foreign / "keep.txt").exists()
+    for force in (False, True):  # never cleared, whatever the flags; the message offers no --force
+        with pytest.raises(RunDirConflict, match="no manifest.json") as refused:
+            RunDir(foreign).open("tiny", "h", force=force)
+        assert "use --force" not in str(refused.value)
+    assert (foreign / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"schema": 99, "name": "x"}), json.dumps([1, 2])])
-def test_unreadable_or_unknown_manifest_is_refused(tmp_path, content):
+OURS = {"schema": 99, "name": "x", "status": "running", "config_hash": "h"}
+
+
+@pytest.mark.parametrize("content,forceable", [
+    ("{not json", False), (json.dumps([1, 2]), False), (json.dumps({"schema": 99, "name": "x"}), False),
+    (json.dumps(OURS), True), (json.dumps({**OURS, "schema": 2, "stages": [1]}), True),
+    (json.dumps({**OURS, "schema": 2, "artifacts": {"a": 5}}), True)])
+def test_unreadable_or_unknown_manifest_is_refused(tmp_path, content, forceable):
+    """Unreadable -> refused; --force clears it only when it is recognisably one of ours."""
     path = tmp_path / "run"
     path.mkdir()
     (path / "manifest.json").write_text(content)
-    with pytest.raises(RunDirConflict, match="unreadable"):
+    with pytest.raises(RunDirConflict, match="unreadable manifest"):
         RunDir(path).open("tiny", "h", force=False)
-    assert RunDir(path).open("tiny", "h", force=True) is False
+    if forceable:
+        assert RunDir(path).open("tiny", "h", force=True) is False
+    else:
+        with pytest.raises(RunDirConflict, match="unreadable manifest.*with or without --force"):
+            RunDir(path).open("tiny", "h", force=True)
+        assert (path / "manifest.json").read_text() == content
 
 
 def test_schema_1_manifest_loads_with_parameter_names_and_export_files():
@@ -112,9 +126,9 @@ def test_schema_1_manifest_loads_with_parameter_names_and_export_files():
            "history": [], "export": {"exporter": "dynamo", "seconds": 1.0, "bytes": 10, "warnings": [], "opset": 18,
                                      "dtype": "fp32", "compact_bytes": 1}}
     m = Manifest.model_validate(old)
-    assert m.schema_version == 2 and m.metrics.layers[0].parameter == "features.0.weight"
+    assert m.schema_version == 3 and m.metrics.layers[0].parameter == "features.0.weight"
     assert (m.export.file, m.export.compact_file) == ("model.onnx", "model.compact.onnx")
-    assert m.to_json()["schema"] == 2
+    assert m.to_json()["schema"] == 3
 
 
 def test_manifest_json_round_trips():

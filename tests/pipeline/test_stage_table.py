@@ -88,7 +88,7 @@ def test_failed_gate_runs_the_epilogue_and_names_the_config_section(tmp_path):
     assert calls == ["run load", "run dense", "run measure", "run summary"]  # report of what was measured
     m = _manifest(tmp_path)
     assert m["status"] == "gate_failed" and m["error"] == {
-        "type": "GateFailure", "gate": "accuracy", "message": "below validate.min_accuracy=0.9"}
+        "type": "GateFailure", "gate": "accuracy", "message": "below validate.min_accuracy=0.9", "stage": "measure"}
     assert m["stages"]["measure"]["status"] == "failed" and "summary" not in m["stages"]
 
 

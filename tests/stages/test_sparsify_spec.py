@@ -115,3 +115,28 @@ def test_an_empty_plan_is_a_value_error_naming_the_reasons():
     cfg = SparsityConfig(method="gmp", target=0.6, epochs=2, include=["^nothing$"])
     with pytest.raises(ValueError, match="no layer can be sparsified .*not matched by include"):
         plan(model(), cfg)
+
+
+def test_from_trained_weights_the_pretrained_mode_and_its_guard_reach_the_trainer():
+    from stages.data import DataConfig, load_data
+    from stages.model import ModelConfig, build_model
+    from stages.train import Trainer
+
+    bundle = load_data(DataConfig(name="digits", batch_size=128), 0)
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(name="small_cnn", options={"width": 4}), bundle.input_shape, bundle.num_classes)
+    cfg = SparsityConfig.model_validate({"method": "optg", "pattern": "2:4", "epochs": 3,
+                                         "guard": {"batches": 1, "threshold": 1e-9}})
+    sp = build_sparsifier(net, cfg, steps_per_epoch=10, seed=0, from_trained=True)
+    assert sp.spec.start == "pretrained" and sp.spec.score_init == optg.PRETRAINED["score_init"]
+    assert sp.score_warmup_steps == optg.warmup_steps(30) and sp.spec.guard.threshold == 1e-9  # the config's guard wins
+    lines: list[str] = []
+    trainer = Trainer(net, bundle, cfg, phase="sparse", device=torch.device("cpu"), seed=0, batch_size=128,
+                      sparsifier=sp, log=lines.append)
+    history = trainer.run()
+    deltas = [r.mask_update_loss_delta for r in history]
+    assert deltas[0] is None and all(d is not None for d in deltas[1:])  # nothing pruned in epoch 0
+    assert sum("WARNING: mask update" in line for line in lines) == sum(e.warning for e in trainer.guard.events) > 0
+    scratch = build_sparsifier(model(), SparsityConfig(method="optg", pattern="2:4", epochs=3),
+                               steps_per_epoch=10, seed=0, from_trained=False)
+    assert scratch.spec.start == "auto" and scratch.spec.guard is None and scratch.score_warmup_steps == 0
