@@ -287,11 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optg-frozen-weights", action="store_true",
                         help="optg learns scores with the weights frozen (equal training budget)")
     parser.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads")
+    parser.add_argument("--dense-epochs", type=int, default=None, help="override the protocol's dense epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="override the fine-tune epochs per cell")
+    parser.add_argument("--nm-epochs", type=int, default=None, help="override the 2:4 OptG epochs per cell")
+    parser.add_argument("--optg-steps", type=int, default=None, help="override the optg score-learning steps")
+    parser.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default=None,
+                        help="override the ONNX exporter (torchscript exports faster on a loaded CPU)")
     args = parser.parse_args(argv)
 
     proto = QUICK if args.quick else Protocol()
     updates: dict[str, Any] = {"threads": args.threads, "nm": not args.no_nm,
                                "optg_train_weights": not args.optg_frozen_weights}
+    for field in ("dense_epochs", "finetune_epochs", "nm_epochs", "optg_steps", "exporter"):
+        if getattr(args, field) is not None:
+            updates[field] = getattr(args, field)
     if args.ratios:
         updates["ratios"] = tuple(args.ratios)
     if args.importances:

@@ -128,9 +128,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     world = args.nproc or env_world_size()
     if args.nproc and env_world_size() > 1:
         raise ConfigError(["--nproc: this process was already started by torchrun; drop --nproc"])
-    problem = batch_problem(cfg.data.batch_size, world)
-    if problem:
-        raise ConfigError([problem], args.config)
+    problems = [p for p in [batch_problem(cfg.data.batch_size, world)] if p]
+    if world > 1 and cfg.structured is not None:
+        problems.append("structured: channel pruning runs in one process; run this config without "
+                        "torchrun/--nproc (its checkpoints and fine-tune are not rank-aware yet)")
+    if problems:
+        raise ConfigError(problems, args.config)
     if args.nproc:
         return launch(args.nproc, _forwarded(args), args.out or Path("runs") / cfg.name)
     info = init_from_env(cfg.device)

@@ -18,12 +18,14 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline.tracking_config import TrackingConfig
 from stages.base import StrictModel
+from stages.benchmark import BenchmarkConfig
 from stages.data import DataConfig
 from stages.export import ExportConfig
 from stages.model import ModelConfig
 from stages.plugins import set_plugin_dirs
 from stages.report import ReportConfig
 from stages.sparsify import SparsityConfig
+from stages.structured import StructuredConfig
 from stages.train import TrainConfig
 from stages.validate import ValidateConfig
 from stages.verify import VerifyConfig
@@ -194,10 +196,12 @@ with warnings.catch_warnings():
         data: DataConfig
         model: ModelConfig
         train: TrainConfig | None = None
+        structured: StructuredConfig | None = None
         sparsity: SparsityConfig
         validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # shadows BaseModel.validate
         export: ExportConfig = ExportConfig()
         verify: VerifyConfig = VerifyConfig()
+        benchmark: BenchmarkConfig = BenchmarkConfig()
         report: ReportConfig = ReportConfig()
         tracking: TrackingConfig | None = None
 
@@ -247,9 +251,18 @@ with warnings.catch_warnings():
                               "`model.weights`")
             if self.verify.enabled and not self.export.enabled:
                 errors.append("verify.enabled needs export.enabled (nothing to verify)")
+            if self.validate.max_latency_ratio is not None and not self.benchmark_active:
+                errors.append("validate.max_latency_ratio needs the benchmark stage: benchmark.enabled and "
+                              "export.enabled (it times the exported file)")
             if errors:
                 raise ValueError("; ".join(errors))
             return self
+
+        @property
+        def benchmark_active(self) -> bool:
+            """The benchmark stage runs: on by default (every run has `sparsity`), off with
+            `benchmark.enabled: false`, and only when there is an exported file to time."""
+            return self.benchmark.enabled and self.export.enabled
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -94,6 +94,7 @@ class Metrics(_Growing):
     accuracy_drop: float | None = None
     nonzero_params: int | None = None
     parity_max_abs_error: float | None = None
+    latency: dict[str, Any] | None = None  # stages.benchmark.LatencyResult.to_dict()
 
 
 class ExportRecord(_Record):
@@ -194,6 +195,7 @@ class Manifest(_Growing):
     environment: Environment | None = None
     stages: dict[str, StageRecord] = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=Metrics)
+    structured: dict[str, Any] | None = None  # stages.structured.StructuredResult.to_dict()
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
     history: list[EpochRecord] = Field(default_factory=list)
     export: ExportRecord | None = None

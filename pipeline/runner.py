@@ -1,7 +1,8 @@
 """The runner: config -> stages -> artifacts, with a manifest and resume.
 
 It walks the stage table (`pipeline.stage_table.STAGES`: data, model, train (dense, optional),
-reference, sparsify, bake, validate, export, verify, report). A stage recorded as done in the
+reference, reference_onnx, structured, sparsify, bake, validate, export, verify, benchmark,
+report). A stage recorded as done in the
 manifest is not run again: it restores what later stages need, or reruns when it is cheap; the
 training stages also resume mid-phase from their last epoch checkpoint. Outcomes map to exit
 codes in cli.py: 0 ok, 2 config/usage, 3 gate failed, 1 anything else.

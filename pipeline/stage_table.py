@@ -9,8 +9,10 @@ has a result to keep, a field in `pipeline.manifest`).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -24,17 +26,19 @@ from torch import nn
 import optg
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.distributed import DistInfo, broadcast_object
-from pipeline.manifest import DataSummary, Deployment, ExportRecord
+from pipeline.manifest import DataSummary, Deployment, ExportRecord, Manifest
 from pipeline.rundir import RunDir
 from stages import bake as bake_stage
+from stages import benchmark as benchmark_stage
 from stages import report as report_stage
 from stages import sparsify as sparsify_stage
+from stages import structured as structured_stage
 from stages import validate as validate_stage
 from stages import verify as verify_stage
 from stages.base import StageError
 from stages.data import DataBundle, load_data
 from stages.export import export_onnx
-from stages.io import atomic_torch_save, safe_torch_load
+from stages.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from stages.model import build_model
 from stages.train import EpochRecord, StepHook, TrainConfig, Trainer, evaluate
 
@@ -289,6 +293,106 @@ def run_verify(ctx: RunContext) -> None:
     verify_stage.raise_on_failure(result)
 
 
+def run_reference_onnx(ctx: RunContext) -> None:
+    """The latency reference: the dense model (after the dense phase / pretrained load, before
+    structured pruning and sparse training) exported exactly like the final model."""
+    model = copy.deepcopy(ctx.model).cpu().eval()
+    cfg = ctx.cfg.export.model_copy(update={"compact": False})
+    path = benchmark_stage.export_reference(model, _onnx_inputs(ctx)[:2], ctx.run.path / "reference.onnx", cfg)
+    ctx.run.add_artifact("reference.onnx", path)
+
+
+STRUCTURED_CHECKPOINT = "structured.pt"  # {"model": state dict, "progress": StructuredProgress JSON}
+STRUCTURED_FINETUNE = "structured-finetune.pt"  # {"step": n, "trainer": Trainer.state_dict()}
+
+
+def _restore_structured_checkpoint(ctx: RunContext) -> structured_stage.StructuredProgress | None:
+    """Reshape the freshly built dense model to the saved plan and load the saved weights;
+    the saved progress, or None when no structured step has been checkpointed yet."""
+    path = ctx.run.checkpoints / STRUCTURED_CHECKPOINT
+    if not path.exists():
+        return None
+    state = _load_checkpoint(path, ctx.device)
+    progress = structured_stage.StructuredProgress.model_validate_json(state["progress"])
+    structured_stage.apply_plan(ctx.model, progress.plan)
+    ctx.model.load_state_dict(state["model"], strict=True)
+    return progress
+
+
+def _structured_train_config(cfg: PipelineConfig) -> TrainConfig:
+    """The fine-tune's optimiser settings: the dense phase's (`train`), else `sparsity`'s."""
+    base = cfg.train if cfg.train is not None else cfg.sparsity
+    return TrainConfig(**{name: getattr(base, name) for name in TrainConfig.model_fields})
+
+
+def run_structured(ctx: RunContext) -> None:
+    """Remove channels (stages/structured.py), checkpointing after each step's pruning and each
+    fine-tune epoch; a resumed run rebuilds the slimmed model from the saved plan and goes on."""
+    cfg, data, seed = ctx.cfg.structured, ctx.cfg.data, ctx.cfg.seed
+    assert cfg is not None  # enabled only with a structured section
+    checkpoint, finetune_path = ctx.run.checkpoints / STRUCTURED_CHECKPOINT, ctx.run.checkpoints / STRUCTURED_FINETUNE
+    resume = _restore_structured_checkpoint(ctx)
+    if resume is not None:
+        ctx.log(f"[structured] resuming after step {resume.pruned} (fine-tuned: {resume.finetuned})")
+
+    def save(model: nn.Module, progress: structured_stage.StructuredProgress) -> None:
+        atomic_torch_save({"model": model.state_dict(), "progress": progress.model_dump_json()}, checkpoint)
+
+    def save_finetune(trainer: Trainer) -> None:
+        step = int(trainer.phase.rsplit("-", 1)[1])
+        atomic_torch_save({"step": step, "trainer": trainer.state_dict()}, finetune_path)
+        manifest = ctx.run.manifest
+        manifest.history = [h for h in manifest.history if h.phase != trainer.phase] + list(trainer.history)
+
+    def load_finetune(step: int) -> dict | None:
+        if not finetune_path.exists():
+            return None
+        state = _load_checkpoint(finetune_path, ctx.device)
+        return state["trainer"] if state.get("step") == step else None
+
+    finetune = structured_stage.trainer_finetune(
+        ctx.bundle, _structured_train_config(ctx.cfg), device=ctx.device, seed=seed, batch_size=data.batch_size,
+        log=ctx.log, on_epoch_end=save_finetune, load_state=load_finetune, on_step=ctx.on_step)
+    example = ctx.bundle.tensors("train", limit=2)[0].to(ctx.device)
+    try:
+        result = structured_stage.prune_channels(
+            ctx.model, cfg, example, batches=structured_stage.batch_source(ctx.bundle, data.batch_size, seed),
+            finetune=finetune, checkpoint=save, resume=resume, seed=seed, log=ctx.log)
+    except StageError as exc:
+        if str(exc).startswith("nothing to prune"):
+            raise ConfigError([f"structured.ignore: {exc}"], str(ctx.cfg.name)) from None
+        raise
+    ctx.run.manifest.structured = result.to_dict()
+    ctx.run.add_artifact("structured_plan.json", atomic_write_json(ctx.run.path / "structured_plan.json", result.plan))
+    macs = result.to_dict()["macs"]
+    ctx.log(f"[structured] MACs {macs['before']} -> {macs['after']} (-{macs['reduction']:.1%}), "
+            f"params {result.params_before} -> {result.params_after}")
+
+
+def restore_structured(ctx: RunContext) -> None:
+    """The slimmed architecture (and its pruned, fine-tuned weights) on a resumed run; later
+    restores (sparse checkpoint, baked weights) then load into the right shapes."""
+    if _restore_structured_checkpoint(ctx) is None:
+        raise StageError(f"structured is recorded done but {ctx.run.checkpoints / STRUCTURED_CHECKPOINT} is "
+                         "missing; rerun with --force")
+
+
+def run_benchmark(ctx: RunContext) -> None:
+    """Time reference.onnx against the final ONNX (ONNX Runtime, CPU; CUDA too when installed),
+    record `metrics.latency`, then gate on `validate.max_latency_ratio` (exit 3): the gate lives
+    here because the ratio exists only once the final file is exported."""
+    manifest = ctx.run.manifest
+    if manifest.export is None:
+        raise StageError("benchmark needs the export stage's result, and the manifest has none")
+    result = benchmark_stage.measure_latency(ctx.run.path / "reference.onnx", ctx.run.path / manifest.export.file,
+                                             ctx.bundle.input_shape, ctx.cfg.benchmark)
+    manifest.metrics.latency = result.to_dict()
+    for row in result.rows:
+        ctx.log(f"[benchmark] {row.provider} batch {row.batch_size}: reference {row.reference_ms:.3f} ms, "
+                f"final {row.candidate_ms:.3f} ms, ratio {row.ratio:.3f} ({result.threads} thread(s))")
+    validate_stage.check_latency(result.max_ratio(), ctx.cfg.validate)
+
+
 def report_input(ctx: RunContext) -> report_stage.ReportInput:
     """The report's typed input, from the manifest and the sparsity config."""
     m, s = ctx.run.manifest, ctx.cfg.sparsity
@@ -302,7 +406,16 @@ def report_input(ctx: RunContext) -> report_stage.ReportInput:
         stages=[report_stage.StageRow(name=k, status=v.status, seconds=v.seconds) for k, v in m.stages.items()],
         layers=m.metrics.layers, onnx_layers=m.verify.layers if m.verify else [],
         artifacts=[report_stage.ArtifactRow(**a.model_dump()) for a in m.artifacts.values()],
-        history=m.history)
+        history=m.history, sections=_report_sections(m))
+
+
+def _report_sections(m: Manifest) -> list[str]:
+    sections = []
+    if m.structured is not None:
+        sections.append(structured_stage.render_structured_markdown(m.structured))
+    if m.metrics.latency is not None:
+        sections.append(benchmark_stage.render_latency_markdown(m.metrics.latency))
+    return sections
 
 
 def run_report(ctx: RunContext) -> None:
@@ -319,6 +432,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", run_dense, enabled=lambda c: c.train is not None, restore=restore_dense, state="weights",
           section="train", inputs=("train",)),
     Stage("reference", run_reference, enabled=lambda c: c.train is not None or c.model.weights is not None),
+    Stage("reference_onnx", run_reference_onnx, enabled=lambda c: c.benchmark_active, section="export",
+          all_ranks=False),
+    Stage("structured", run_structured, enabled=lambda c: c.structured is not None, restore=restore_structured,
+          state="architecture", section="structured", inputs=("structured",)),
     Stage("sparsify", run_sparsify, restore=run_sparsify, state="weights", section="sparsity", inputs=("sparsity",)),
     Stage("bake", run_bake, restore=restore_baked, state="weights"),
     Stage("validate", run_validate, section="validate", inputs=("validate",), redoable=True),
@@ -326,6 +443,8 @@ STAGES: tuple[Stage, ...] = (
           redoable=True, all_ranks=False),
     Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify", inputs=("verify",),
           redoable=True, all_ranks=False),
+    Stage("benchmark", run_benchmark, enabled=lambda c: c.benchmark_active, section="validate",
+          inputs=("benchmark",), redoable=True, all_ranks=False),
     Stage("report", run_report, epilogue=True, section="report", inputs=("report",), redoable=True,
           all_ranks=False),
 )
@@ -336,10 +455,11 @@ STAGES: tuple[Stage, ...] = (
 
 def debug_signal_hook(spec: str | None = None) -> StepHook | None:
     """`OPTG_DEBUG_SIGNAL_AT=PHASE:EPOCH:STEP[:SIGNAL[:RANK]]` (README, "The tests"): after
-    training step STEP of epoch EPOCH (both 1-based) of PHASE (dense or sparse), the process
-    sends itself SIGNAL (INT, the default, behaves like Ctrl-C; KILL like a hard kill); with
-    RANK, only the torchrun process of that rank does. The resume and fault tests use it to
-    interrupt a run at an exact point; unset, nothing is installed."""
+    training step STEP of epoch EPOCH (both 1-based) of PHASE (dense, sparse, or structured-N:
+    the fine-tune after structured pruning step N), the process sends itself SIGNAL (INT, the
+    default, behaves like Ctrl-C; KILL like a hard kill); with RANK, only the torchrun process of
+    that rank does. The resume and fault tests use it to interrupt a run at an exact point;
+    unset, nothing is installed."""
     spec = os.environ.get(DEBUG_SIGNAL_ENV) if spec is None else spec
     if not spec:
         return None
@@ -348,11 +468,12 @@ def debug_signal_hook(spec: str | None = None) -> StepHook | None:
         phase, epoch, step = parts[0], int(parts[1]), int(parts[2])
         sig = signal.Signals[f"SIG{parts[3] if len(parts) > 3 else 'INT'}"]
         only_rank = int(parts[4]) if len(parts) > 4 else None
-        if len(parts) > 5 or phase not in ("dense", "sparse") or epoch < 1 or step < 1:
+        known = phase in ("dense", "sparse") or re.fullmatch(r"structured-[1-9][0-9]*", phase)
+        if len(parts) > 5 or not known or epoch < 1 or step < 1:
             raise ValueError(spec)
     except (IndexError, KeyError, ValueError):
         raise ConfigError([f"{DEBUG_SIGNAL_ENV}={spec!r}: expected PHASE:EPOCH:STEP[:SIGNAL[:RANK]], "
-                           "e.g. sparse:3:5:INT (phase dense or sparse, epoch and step from 1)"],
+                           "e.g. sparse:3:5:INT (phase dense, sparse or structured-N, epoch and step from 1)"],
                           "environment") from None
     if only_rank is not None and only_rank != int(os.environ.get("RANK", "0")):
         return None

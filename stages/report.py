@@ -61,6 +61,7 @@ class ReportInput(BaseModel):
     onnx_layers: list[dict[str, Any]] = Field(default_factory=list)  # verify's read-back rows
     artifacts: list[ArtifactRow] = Field(default_factory=list)
     history: list[EpochRecord] = Field(default_factory=list)
+    sections: list[str] = Field(default_factory=list)  # extra markdown sections (structured, latency)
 
 
 def count_macs_and_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
@@ -246,6 +247,8 @@ def render_markdown(report: ReportInput, plot_name: str | None) -> str:
                 f"| {row.get('name')} | {row.get('op')} | {'x'.join(map(str, row.get('shape', [])))} "
                 f"| {row.get('reduction_axis')} | {_fmt(row.get('sparsity'), 3)} | {checked} | {result} "
                 f"| {hardware} | {row.get('reason') or ''} |")
+    for section in r.sections:
+        lines += ["", section.rstrip("\n")]
     if r.artifacts:
         lines += ["", "## Artifacts", "", "| file | bytes | sha256 |", "|---|---|---|"]
         for a in r.artifacts:

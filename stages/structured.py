@@ -66,7 +66,7 @@ from stages.structured_plan import (
     channel_table,
     structure_plan,
 )
-from stages.train import TrainConfig, Trainer
+from stages.train import StepHook, TrainConfig, Trainer
 
 __all__ = [  # the stage's public API (plan helpers re-exported from stages.structured_plan)
     "PLAN_FORMAT", "FineTune", "ReductionTarget", "StepRecord", "StructuredConfig", "StructuredProgress",
@@ -244,18 +244,19 @@ def batch_source(bundle: DataBundle, batch_size: int, seed: int) -> BatchSource:
 def trainer_finetune(bundle: DataBundle, train: TrainConfig, *, device: torch.device, seed: int,
                      batch_size: int, log: Callable[[str], None] = print,
                      on_epoch_end: Callable[[Trainer], None] | None = None,
-                     load_state: Callable[[int], dict[str, Any] | None] | None = None) -> FineTune:
+                     load_state: Callable[[int], dict[str, Any] | None] | None = None,
+                     on_step: StepHook | None = None) -> FineTune:
     """A `FineTune` that runs `stages.train.Trainer` for `epochs` with `train`'s optimiser
     settings, as phase "structured-<step>" (its own seed stream). A fresh Trainer per step:
     pruning replaced the parameters the previous optimiser held. `on_epoch_end(trainer)` can
     checkpoint `trainer.state_dict()`; `load_state(step)` returns such a state (or None) to
-    resume an interrupted fine-tune."""
+    resume an interrupted fine-tune; `on_step` is the Trainer's per-step hook."""
 
     def finetune(model: nn.Module, step: int, epochs: int) -> None:
         cfg = TrainConfig(**{**train.model_dump(), "epochs": epochs,
                              "warmup_epochs": min(train.warmup_epochs, epochs - 1)})
         trainer = Trainer(model, bundle, cfg, phase=f"structured-{step}", device=device,
-                          seed=seed + step, batch_size=batch_size, log=log)
+                          seed=seed + step, batch_size=batch_size, log=log, on_step=on_step)
         state = load_state(step) if load_state is not None else None
         if state is not None:
             trainer.load_state_dict(state)

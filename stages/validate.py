@@ -14,6 +14,9 @@ class ValidateConfig(StrictModel):
 
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
     min_accuracy: float | None = Field(None, ge=0, le=1)
+    max_latency_ratio: float | None = Field(
+        None, gt=0, description="worst ONNX Runtime CPU latency ratio final / dense reference over the "
+        "benchmark's batch sizes; checked by the benchmark stage (after export), exit 3 when above")
 
 
 @dataclass
@@ -48,3 +51,12 @@ def raise_on_failure(result: ValidateResult) -> None:
     """GateFailure("accuracy") naming every failed gate; the pipeline adds the config section."""
     if not result.passed:
         raise GateFailure("accuracy", problems=result.failures)
+
+
+def check_latency(max_ratio: float, cfg: ValidateConfig) -> None:
+    """GateFailure("latency") when the measured worst latency ratio (final / dense reference,
+    ONNX Runtime CPU) is above `max_latency_ratio`; nothing when the gate is unset."""
+    if cfg.max_latency_ratio is not None and max_ratio > cfg.max_latency_ratio:
+        raise GateFailure("latency", problems=[FieldProblem("max_latency_ratio", (
+            f"the final model runs at {max_ratio:.3f}x the dense reference's latency (worst batch "
+            f"size, ONNX Runtime CPU), over {{field}}={cfg.max_latency_ratio}"))])

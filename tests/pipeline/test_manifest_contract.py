@@ -13,7 +13,7 @@ from pipeline.manifest import SCHEMA_VERSION, Manifest
 from .conftest import TINY, write_config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-CONDITIONAL = {"error", "versions_before_resume", "reruns", "tracking"}  # after a failure, a resume under
+CONDITIONAL = {"error", "versions_before_resume", "reruns", "tracking", "structured"}  # after a failure, a resume under
 # other software, a rerun that redid stages, with `tracking` configured
 
 
