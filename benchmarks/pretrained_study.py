@@ -13,21 +13,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from optg import LossGuard
-from pipeline.config import load_config
-from stages.data import load_data
-from stages.model import build_model
+from stages.data import DataConfig, load_data
+from stages.model import ModelConfig, build_model
 from stages.sparsify import SparsityConfig, build_sparsifier
-from stages.train import Trainer, evaluate
+from stages.train import TrainConfig, Trainer, evaluate
 
 CPU = torch.device("cpu")
+
+
+def load_config(config: Path) -> SimpleNamespace:
+    """The config as the pipeline resolves it (`optg check --json`: strict YAML, sparse keys
+    inherited from `train`), typed by the stages' own config classes. Benchmarks use the CLI,
+    never `pipeline` internals."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "check", str(config), "--json"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{config}: optg check failed:\n{proc.stdout}{proc.stderr}")
+    raw = json.loads(proc.stdout)["config"]
+    return SimpleNamespace(name=raw["name"], data=DataConfig.model_validate(raw["data"]),
+                           model=ModelConfig.model_validate(raw["model"]),
+                           train=TrainConfig.model_validate(raw["train"]) if raw.get("train") else None,
+                           sparsity=SparsityConfig.model_validate(raw["sparsity"]))
 # name -> sparsity overrides (every candidate also gets `start` as written)
 CANDIDATES: dict[str, dict[str, Any]] = {
     "authors": {"start": "scratch"},

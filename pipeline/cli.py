@@ -23,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="optg", description="Train sparse with OptG, bake, gate, export and verify 2:4-ready ONNX.")
+    parser.add_argument("--version", action="version", version=f"optg {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the pipeline of a config (resumes an interrupted run)")
@@ -40,12 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--print", dest="print_config", action="store_true", help="print the resolved config")
+    check.add_argument("--json", action="store_true",
+                       help='machine-readable: {"ok": true, "config": ...} or '
+                            '{"ok": false, "errors": [{path, message}]}')
+
+    sub.add_parser("schema", help="print the config's JSON Schema (editor completion, CI validation)")
 
     inspect = sub.add_parser("inspect", help="read back weights, sparsity and N:M compliance of any ONNX file")
     inspect.add_argument("model")
     inspect.add_argument("--pattern", help="require this N:M pattern on every eligible weight, e.g. 2:4")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def package_version() -> str:
+    """The installed optg-pipeline version (the source tree's when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("optg-pipeline")
+    except PackageNotFoundError:
+        import optg
+
+        return optg.__version__
 
 
 def _load(args: argparse.Namespace):
@@ -58,8 +76,16 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pipeline.config import config_hash, dump_yaml
+    from pipeline.config import ConfigError, config_hash, dump_yaml, resolved_dict
 
+    if args.json:
+        try:
+            cfg = _load(args)
+        except ConfigError as exc:
+            print(json.dumps({"ok": False, "config": args.config, "errors": exc.items}, indent=2))
+            return EXIT_USAGE
+        print(json.dumps({"ok": True, "config_hash": config_hash(cfg), "config": resolved_dict(cfg)}, indent=2))
+        return EXIT_OK
     cfg = _load(args)
     if args.print_config:
         print(dump_yaml(cfg), end="")
@@ -75,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     options = RunOptions(out=args.out, force=args.force, quiet=args.quiet,
-                         progress=not args.quiet and sys.stderr.isatty())
+                         progress=not args.quiet and sys.stderr.isatty(), command=[sys.argv[0], *args.argv])
     runner = Runner(cfg, options)
     try:
         manifest = runner.execute()
@@ -92,6 +118,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.config import config_json_schema
+
+    print(json.dumps(config_json_schema(), indent=2))
+    return EXIT_OK
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.inspect_cmd import run_inspect
 
@@ -103,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.rundir import RunDirConflict
 
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "check": cmd_check, "inspect": cmd_inspect}[args.command]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    handler = {"run": cmd_run, "check": cmd_check, "inspect": cmd_inspect,
+               "schema": cmd_schema}[args.command]
     try:
         return handler(args)
     except (ConfigError, RunDirConflict) as exc:

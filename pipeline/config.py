@@ -21,6 +21,7 @@ from stages.base import StrictModel
 from stages.data import DataConfig
 from stages.export import ExportConfig
 from stages.model import ModelConfig
+from stages.plugins import set_plugin_dirs
 from stages.report import ReportConfig
 from stages.sparsify import SparsityConfig
 from stages.train import TrainConfig
@@ -29,12 +30,28 @@ from stages.verify import VerifyConfig
 
 
 class ConfigError(ValueError):
-    """An invalid config or override. `problems` holds one line per problem."""
+    """An invalid config or override. `problems` holds one line per problem; `items` the same
+    problems as {"path": dotted key or "" when no key applies, "message": ...} (`optg check --json`)."""
 
-    def __init__(self, problems: list[str], source: str = "config") -> None:
+    def __init__(self, problems: list[str], source: str = "config",
+                 items: list[dict[str, str]] | None = None) -> None:
         self.problems = problems
         self.source = source
+        self.items = items if items is not None else [{"path": "", "message": p} for p in problems]
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class KeyedProblems(ValueError):
+    """Raised by a validator for problems it can place exactly: (dotted path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
+
+
+# Settings of the sparse phase that come from `train:` when `sparsity:` does not give them
+# (the optimizer key by key). Epoch counts and warm-up belong to each phase and are not inherited.
+INHERITED_FROM_TRAIN = ("optimizer", "label_smoothing", "amp", "grad_clip", "compile")
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; refuse anything over 1 MiB unread
@@ -185,6 +202,40 @@ with warnings.catch_warnings():
         tracking: TrackingConfig | None = None
 
         @model_validator(mode="after")
+        def _inherit_train_settings(self) -> "PipelineConfig":
+            """Keys of INHERITED_FROM_TRAIN not given under `sparsity` take `train`'s values (a
+            sparse phase after an AdamW dense phase continues with AdamW, not SGD at lr 0.1)."""
+            if self.train is None:
+                return self
+            given = self.sparsity.model_fields_set
+            update: dict[str, Any] = {k: getattr(self.train, k) for k in INHERITED_FROM_TRAIN
+                                      if k not in given and k != "optimizer"}
+            if "optimizer" not in given:
+                update["optimizer"] = self.train.optimizer.model_copy()
+            else:
+                own = self.sparsity.optimizer
+                inherit = {k: getattr(self.train.optimizer, k) for k in type(own).model_fields
+                           if k not in own.model_fields_set}
+                update["optimizer"] = own.model_copy(update=inherit)
+            # no assignment: validate_assignment would re-run this validator; the values are
+            # already validated fields of the same types
+            self.__dict__["sparsity"] = self.sparsity.model_copy(update=update)
+            return self
+
+        @model_validator(mode="after")
+        def _factories_accept_options(self) -> "PipelineConfig":
+            """The dataset and model names resolve and their options fit the factories' schemas
+            (plugins are imported), so `optg check` catches what would fail at run time."""
+            from stages.data import check_data_config
+            from stages.model import check_model_config
+
+            problems = [(f"data.{path}", message) for path, message in check_data_config(self.data)]
+            problems += [(f"model.{path}", message) for path, message in check_model_config(self.model)]
+            if problems:
+                raise KeyedProblems(problems)
+            return self
+
+        @model_validator(mode="after")
         def _cross_checks(self) -> "PipelineConfig":
             has_reference = self.train is not None or self.model.weights is not None
             errors = []
@@ -220,26 +271,36 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
-    problems = []
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(dotted path, message) per problem; "" as path where the problem spans keys."""
+    problems: list[tuple[str, str]] = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         path = _format_loc(loc)
+        keyed = (err.get("ctx") or {}).get("error")
+        if isinstance(keyed, KeyedProblems):
+            prefix = "" if path == "(top level)" else path + "."
+            problems += [(prefix + p, m) for p, m in keyed.problems]
+            continue
         if err["type"] == "extra_forbidden":
             owner = _model_at(loc)
             valid = ", ".join(owner.model_fields) if owner else "see the README's config reference"
-            problems.append(f"{path}: unknown key (valid keys here: {valid})")
+            problems.append((path, f"unknown key (valid keys here: {valid})"))
             continue
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
-            problems.append(f"{path}: required key is missing")
+            problems.append((path, "required key is missing"))
         else:
             value = err.get("input")
             shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
             if len(shown) > 80:
                 shown = shown[:77] + "..."
-            problems.append(f"{path}: {message} (got {shown})")
+            problems.append((path, f"{message} (got {shown})"))
     return problems
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    return [f"{path}: {message}" for path, message in validation_problems(exc)]
 
 
 def _mapping_field_types(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
@@ -326,6 +387,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError([f"config must be a mapping of keys (name: ..., data: ...), "
                            f"got a {type(raw).__name__}"], source)
     raw = apply_overrides(raw, overrides or [])
+    set_plugin_dirs([path.parent, Path.cwd()])  # `module:callable` plugins next to the config
     return validate_config(raw, source)
 
 
@@ -333,7 +395,17 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConf
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc), source) from None
+        problems = validation_problems(exc)
+        raise ConfigError([f"{p}: {m}" if p else m for p, m in problems], source,
+                          [{"path": p, "message": m} for p, m in problems]) from None
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The config's JSON Schema (`optg schema`), for editor completion and CI validation."""
+    schema = PipelineConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema.setdefault("title", "optg-pipeline config")
+    return schema
 
 
 def resolved_dict(cfg: PipelineConfig) -> dict[str, Any]:

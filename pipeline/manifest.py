@@ -6,15 +6,19 @@ results stay typed (`BakedLayer`, `EpochRecord`, `VerifyResult`, the export reco
 are written.
 
 Schema versions: 1 (first release); 2 adds `metrics.layers[].parameter` and the export record's
-`file`, `compact_file`, `inputs` and `outputs`. A version-1 manifest still loads (to resume a run
+`file`, `compact_file`, `inputs` and `outputs`; 3 adds the top-level `method`, `pattern`,
+`target`, `environment` and `deployment`. A version-1 manifest still loads (to resume a run
 made by the older release): its layer rows get the only parameter name version 1 could sparsify,
 `<module>.weight`, and its export record the file names version 1 wrote.
 """
 from __future__ import annotations
 
+import platform
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import torch as _torch
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from stages.bake import BakedLayer
@@ -22,8 +26,8 @@ from stages.export import ExportResult
 from stages.train import EpochRecord
 from stages.verify import VerifyResult
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 Status = Literal["running", "succeeded", "gate_failed", "failed", "interrupted"]
 
@@ -118,6 +122,45 @@ class ExportRecord(_Record):
                             input_names=list(self.inputs), output_names=list(self.outputs))
 
 
+class Environment(_Record):
+    """Where and how the latest invocation ran (a resumed run records the resuming one)."""
+
+    python: str
+    torch: str
+    cuda_available: bool
+    device: str         # the training device: "cpu", or "cuda: <device name>"
+    cpu_threads: int    # torch's intra-op threads
+    os: str
+    command: list[str]  # the command line, argv[0] first
+
+    @classmethod
+    def current(cls, device: _torch.device, command: list[str] | None = None) -> "Environment":
+        name = str(device)
+        if device.type == "cuda" and _torch.cuda.is_available():
+            name = f"{device}: {_torch.cuda.get_device_name(device)}"
+        return cls(python=platform.python_version(), torch=_torch.__version__,
+                   cuda_available=_torch.cuda.is_available(), device=name, cpu_threads=_torch.get_num_threads(),
+                   os=f"{platform.system()} {platform.release()} ({platform.machine()})",
+                   command=list(sys.argv if command is None else command))
+
+
+class TensorSpec(_Record):
+    name: str
+    shape: list[int | str]  # a symbolic dim (the batch) by its name
+    dtype: str
+
+
+class Deployment(_Record):
+    """What a deployment needs to feed `model.onnx` and read its output; the same facts are in
+    the file's metadata_props (`optg.inputs`, `optg.outputs`, `optg.class_names`,
+    `optg.preprocessing`)."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    class_names: list[str] | None = None
+    preprocessing: dict[str, Any] | None = None
+
+
 class ErrorRecord(_Growing):
     type: str
     gate: str | None
@@ -130,17 +173,22 @@ class Manifest(_Growing):
     schema_version: int = Field(SCHEMA_VERSION, alias="schema")
     name: str
     status: Status
+    method: str | None = None
+    pattern: str | None = None
+    target: float | None = None  # the sparsity the pattern implies or the config asks for
     config_hash: str
     created: str
     updated: str
     resumed: int = 0
     versions: dict[str, str]
     versions_before_resume: list[dict[str, str] | None] = Field(default_factory=list)
+    environment: Environment | None = None
     stages: dict[str, StageRecord] = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=Metrics)
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
     history: list[EpochRecord] = Field(default_factory=list)
     export: ExportRecord | None = None
+    deployment: Deployment | None = None
     verify: VerifyResult | None = None
     error: ErrorRecord | None = None
     fingerprints: dict[str, str] = Field(default_factory=dict)  # stage -> its inputs' hash (pipeline.reuse)
@@ -163,6 +211,8 @@ class Manifest(_Growing):
         version = data.get("schema", data.get("schema_version"))
         if version not in READABLE_VERSIONS:
             raise ValueError(f"manifest schema {version!r} is not one this release reads {READABLE_VERSIONS}")
+        if version == 2:
+            data = dict(data, schema=SCHEMA_VERSION)  # 3 only adds keys
         if version == 1:
             data = dict(data, schema=SCHEMA_VERSION)
             metrics = data.get("metrics")

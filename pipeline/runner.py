@@ -18,7 +18,7 @@ import torch
 
 from pipeline import reuse
 from pipeline.config import ConfigError, PipelineConfig, config_hash, dump_yaml, resolved_dict
-from pipeline.manifest import ErrorRecord, Manifest, Status
+from pipeline.manifest import Environment, ErrorRecord, Manifest, Status
 from pipeline.rundir import RunDir
 from pipeline.stage_table import STAGES, RunContext, Stage, debug_signal_hook
 from pipeline.tracking import build_tracking, record_metrics
@@ -37,6 +37,16 @@ class RunOptions:
     force: bool = False
     quiet: bool = False
     progress: bool = False
+    command: list[str] | None = None  # the command line for the manifest (default sys.argv)
+
+
+def record_run_facts(manifest: Manifest, cfg: PipelineConfig, device: torch.device,
+                     command: list[str] | None) -> None:
+    """The manifest's top-level method/pattern/target (what a release step branches on) and the
+    environment of this invocation."""
+    manifest.method, manifest.pattern = cfg.sparsity.method, str(cfg.sparsity.pattern)
+    manifest.target = cfg.sparsity.as_pattern.target
+    manifest.environment = Environment.current(device, command)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,6 +117,7 @@ class Runner:
                                 redoable={s.name for s in self.table if s.redoable},
                                 resolved=resolved)
         self.log(f"{'resuming' if resumed else 'starting'} run {cfg.name!r} in {self.run.path} on {self.ctx.device}")
+        record_run_facts(self.run.manifest, cfg, self.ctx.device, self.options.command)
         if resumed:
             self.run.check_artifacts([s.name for s in self.table])
             for rerun in self.run.new_reruns:

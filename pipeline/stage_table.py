@@ -9,6 +9,7 @@ has a result to keep, a field in `pipeline.manifest`).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from torch import nn
 
 import optg
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.manifest import DataSummary, ExportRecord
+from pipeline.manifest import DataSummary, Deployment, ExportRecord
 from pipeline.rundir import RunDir
 from stages import bake as bake_stage
 from stages import report as report_stage
@@ -236,8 +237,15 @@ def run_export(ctx: RunContext) -> None:
                 "optg.target": str(target),
                 "optg.targeted_sparsity": f"{manifest.metrics.targeted_sparsity or 0:.6f}",
                 "optg.version": manifest.versions["optg-pipeline"]}
+    bundle = ctx.bundle
+    if bundle.class_names is not None:
+        metadata["optg.class_names"] = json.dumps(bundle.class_names)
+    if bundle.preprocessing is not None:
+        metadata["optg.preprocessing"] = json.dumps(bundle.preprocessing)
     ctx.model.eval().cpu()
     result = export_onnx(ctx.model, _onnx_inputs(ctx)[:2], ctx.run.path / "model.onnx", ctx.cfg.export, metadata)
+    manifest.deployment = Deployment(inputs=result.inputs, outputs=result.outputs,  # type: ignore[arg-type]
+                                     class_names=bundle.class_names, preprocessing=bundle.preprocessing)
     ctx.run.add_artifact("model.onnx", result.path)
     if result.compact_path is not None:
         ctx.run.add_artifact("model.compact.onnx", result.compact_path)
@@ -271,6 +279,7 @@ def report_input(ctx: RunContext) -> report_stage.ReportInput:
         name=m.name, status=m.status, failed_gate=m.error.gate if m.error else None,
         error=m.error.message if m.error else None, method=s.method, pattern=s.pattern, target=s.target,
         config_hash=m.config_hash, **{k: getattr(m.metrics, k) for k in shown},
+        max_accuracy_drop=ctx.cfg.validate.max_accuracy_drop, min_accuracy=ctx.cfg.validate.min_accuracy,
         stages=[report_stage.StageRow(name=k, status=v.status, seconds=v.seconds) for k, v in m.stages.items()],
         layers=m.metrics.layers, onnx_layers=m.verify.layers if m.verify else [],
         artifacts=[report_stage.ArtifactRow(**a.model_dump()) for a in m.artifacts.values()],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import tempfile
@@ -90,6 +91,25 @@ class ExportResult:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     data_paths: list[Path] = field(default_factory=list)  # external-data sidecars ("<file>.data"), if any
+    inputs: list[dict] = field(default_factory=list)  # graph_io: name, shape (ints or dim names), dtype
+    outputs: list[dict] = field(default_factory=list)
+
+
+def graph_io(proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    """The graph's real inputs (initializers left out) and outputs as written in the file:
+    {"name", "shape" (an int per fixed dim, the dim's name for a symbolic one such as the
+    batch), "dtype"}; what a deployment needs to feed the model and read its result."""
+    initializers = {t.name for t in proto.graph.initializer}
+
+    def spec(value: onnx.ValueInfoProto) -> dict:
+        tensor = value.type.tensor_type
+        dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                 for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?"
+        return {"name": value.name, "shape": dims, "dtype": dtype}
+
+    return ([spec(i) for i in proto.graph.input if i.name not in initializers],
+            [spec(o) for o in proto.graph.output])
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: ExportConfig,
@@ -124,12 +144,12 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
     if proto is None:
         raise StageError("ONNX export failed: " + " | ".join(errors))
 
+    inputs, outputs = graph_io(proto)
     props = {**{str(k): str(v) for k, v in metadata.items()}, "exporter": used, "dtype": cfg.dtype,
-             "opset": str(cfg.opset)}
+             "opset": str(cfg.opset), "optg.inputs": json.dumps(inputs), "optg.outputs": json.dumps(outputs)}
     set_metadata(proto, props)
-    initializers = {t.name for t in proto.graph.initializer}
-    input_names = [i.name for i in proto.graph.input if i.name not in initializers]
-    output_names = [o.name for o in proto.graph.output]
+    input_names = [i["name"] for i in inputs]
+    output_names = [o["name"] for o in outputs]
     compact = make_compact(proto) if cfg.compact else None  # before saving: external data mutates proto
     sidecars = [atomic_save(proto, path)]
 
@@ -141,7 +161,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
     return ExportResult(path=path, exporter=used, seconds=time.perf_counter() - start,
                         size_bytes=path.stat().st_size, warnings=notes, compact_path=compact_path,
                         compact_size_bytes=compact_size, dtype=cfg.dtype, opset=cfg.opset,
-                        input_names=input_names, output_names=output_names,
+                        input_names=input_names, output_names=output_names, inputs=inputs, outputs=outputs,
                         data_paths=[p for p in sidecars if p is not None])
 
 

@@ -7,6 +7,7 @@ read by `stages.checkpoints`.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -17,8 +18,8 @@ from torch import nn
 from optg.registry import UnknownNameError
 from stages.base import StageError, StrictModel
 from stages.checkpoints import WeightsReport, load_weights
-from stages.plugins import check_options, import_callable
-from stages.zoo import MODELS, timm_model, torchvision_model
+from stages.plugins import check_options, import_callable, schema_problems
+from stages.zoo import MODELS, options_schema, timm_model, torchvision_model
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
@@ -87,6 +88,56 @@ def resolve_model_factory(name: str) -> Callable[..., nn.Module]:
         raise StageError(
             f"{exc}; or 'package.module:callable', 'torchvision:<name>' or 'timm:<name>'"
         ) from None
+
+
+_ZOO_RESERVED = {TORCHVISION_PREFIX: ("weights", "num_classes"),
+                 TIMM_PREFIX: ("pretrained", "num_classes", "in_chans")}
+
+
+def _zoo_problems(prefix: str, name: str, options: dict[str, Any]) -> list[tuple[str, str]]:
+    """torchvision/timm names: no reserved options, and the model exists when the extra is
+    installed (a config may be checked on a machine without it; the run then says which extra
+    to install). The options go to the library's builder and are only checked when it builds."""
+    what = f"model '{prefix}{name}'"
+    clash = sorted(set(options) & set(_ZOO_RESERVED[prefix]))
+    problems = [("options", f"{what}: option(s) {', '.join(clash)} are set by the pipeline "
+                            "(pretrained weights load through model.weights)")] if clash else []
+    try:
+        if prefix == TORCHVISION_PREFIX:
+            known = name in importlib.import_module("torchvision.models").list_models()
+        else:
+            known = bool(importlib.import_module("timm").is_model(name))
+    except ImportError:
+        return problems
+    if not known:
+        problems.insert(0, ("name", f"unknown {prefix.rstrip(':')} model {name!r}"))
+    return problems
+
+
+def check_model_config(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """Everything about `cfg` that can be checked without building: the name resolves (a
+    plugin imports, a torchvision/timm model exists) and the options fit the factory (a
+    built-in's schema with bounds, a plugin's signature). (key inside `model`, message) pairs."""
+    for prefix in ZOOS:
+        if cfg.name.startswith(prefix):
+            return _zoo_problems(prefix, cfg.name[len(prefix):], cfg.options)
+    try:
+        factory = resolve_model_factory(cfg.name)
+    except StageError as exc:
+        return [("name", str(exc))]
+    what = f"model {cfg.name!r}"
+    if ":" not in cfg.name:
+        try:
+            schema = options_schema(cfg.name)
+        except Exception:  # noqa: BLE001 - a registered factory whose signature cannot be typed
+            schema = None
+        if schema is not None:
+            return schema_problems(schema, cfg.options, what)
+    try:
+        check_options(factory, cfg.options, what, skip=2)
+    except StageError as exc:
+        return [("options", str(exc))]
+    return []
 
 
 def build_model(

@@ -1,14 +1,47 @@
 """User plugins named "package.module:callable": resolve them and check their options.
 
-Shared by the model and data stages for user-supplied factories.
+Shared by the model and data stages for user-supplied factories. Modules are looked up on
+`sys.path` and, before it, in the plugin directories (`set_plugin_dirs`: the pipeline sets
+the config file's directory and the working directory), so a plugin next to the config
+imports without setting PYTHONPATH.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Mapping, Sequence, get_type_hints
 
-from stages.base import StageError
+from pydantic import BaseModel, ValidationError, create_model
+
+from stages.base import StageError, StrictModel
+
+_plugin_dirs: list[Path] = []
+
+
+def set_plugin_dirs(dirs: Sequence[str | Path]) -> None:
+    """Where `import_callable` looks for plugin modules before `sys.path`, first one first."""
+    _plugin_dirs[:] = [Path(d).resolve() for d in dirs]
+
+
+def plugin_dirs() -> list[Path]:
+    return list(_plugin_dirs)
+
+
+@contextlib.contextmanager
+def _plugin_path() -> Iterator[None]:
+    """The plugin directories at the front of sys.path for one import, removed afterwards."""
+    added = [str(d) for d in _plugin_dirs if str(d) not in sys.path]
+    sys.path[:0] = added
+    importlib.invalidate_caches()  # a plugin file written after the last import is seen
+    try:
+        yield
+    finally:
+        for entry in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(entry)
 
 
 def import_callable(spec: str, kind: str) -> Callable[..., Any]:
@@ -20,9 +53,12 @@ def import_callable(spec: str, kind: str) -> Callable[..., Any]:
     if not module_name or not attr_path:
         raise StageError(f"{kind} {spec!r}: expected 'package.module:callable'")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise StageError(f"{kind} {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+        with _plugin_path():
+            module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - an ImportError, or whatever the module raised
+        searched = ", ".join(str(d) for d in _plugin_dirs) or "sys.path only"
+        raise StageError(f"{kind} {spec!r}: cannot import module {module_name!r}: "
+                         f"{type(exc).__name__}: {exc} (searched {searched}, then sys.path)") from exc
     obj: Any = module
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -73,3 +109,42 @@ def check_options(
             f"{what}: unknown option(s) {', '.join(unknown)}; "
             f"valid: {', '.join(valid) if valid else '(none)'}"
         )
+
+
+def signature_schema(factory: Callable[..., Any], name: str, skip: int,
+                     bounds: Mapping[str, Any]) -> type[BaseModel]:
+    """A strict pydantic model of a factory's keyword options, derived from its signature.
+
+    Each parameter after the first `skip` becomes a field with the parameter's annotation and
+    default; `bounds` maps a parameter name to a `Field(...)` with its allowed range (so a
+    width of 1e9 is refused before anything is built). Unknown names are refused by the model.
+    """
+    hints = get_type_hints(factory)
+    fields: dict[str, Any] = {}
+    for param in list(inspect.signature(factory).parameters.values())[skip:]:
+        if param.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            continue
+        annotation = hints.get(param.name, Any)
+        if param.name in bounds:
+            annotation = Annotated[annotation, bounds[param.name]]
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[param.name] = (annotation, default)
+    return create_model(f"{name}_options", __base__=StrictModel, **fields)
+
+
+def schema_problems(schema: type[BaseModel], options: Mapping[str, Any], what: str) -> list[tuple[str, str]]:
+    """Validate `options` against `schema`: (key under `options`, message) per problem."""
+    try:
+        schema.model_validate(dict(options))
+    except ValidationError as exc:
+        valid = ", ".join(schema.model_fields) or "(none)"
+        problems = []
+        for err in exc.errors():
+            where = ".".join(["options", *(str(p) for p in err["loc"])])
+            if err["type"] == "extra_forbidden":
+                problems.append((where, f"{what}: unknown option; valid: {valid}"))
+            else:
+                problems.append((where, f"{what}: {err['msg'].removeprefix('Value error, ')} "
+                                        f"(got {err.get('input')!r})"))
+        return problems
+    return []

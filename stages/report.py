@@ -1,5 +1,6 @@
-"""The report stage: `report.md` (summary, per-layer table, TensorRT eligibility) and a
-PNG of validation accuracy and sparsity over the epochs of both phases."""
+"""The report stage: `report.md` (summary, the accuracy gate, per-layer table, what was checked
+on each ONNX weight) and `training.png`: validation accuracy, sparsity and the accuracy gate's
+line over the epochs of both phases, the training loss, and per-layer sparsity bars."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,6 +54,8 @@ class ReportInput(BaseModel):
     nonzero_params: int | None = None
     macs: int | None = None
     parity_max_abs_error: float | None = None
+    max_accuracy_drop: float | None = None  # validate's gates, for the gate line
+    min_accuracy: float | None = None
     stages: list[StageRow] = Field(default_factory=list)
     layers: list[BakedLayer] = Field(default_factory=list)
     onnx_layers: list[dict[str, Any]] = Field(default_factory=list)  # verify's read-back rows
@@ -73,29 +76,60 @@ def nonzero_params(model: nn.Module) -> int:
     return int(sum(int(torch.count_nonzero(p)) for p in model.parameters()))
 
 
-def plot_history(history: list[EpochRecord], path: Path) -> Path:
-    """Validation accuracy (left axis) and sparsity (right axis) against epoch, both phases;
-    below, when the mask-update guard ran, the loss rise it measured at each epoch's mask
-    updates (`mask_update_loss_delta`)."""
+def accuracy_gate(report: ReportInput) -> float | None:
+    """The lowest sparse test accuracy the validate gates accept (None when no gate applies)."""
+    bounds = [report.min_accuracy] if report.min_accuracy is not None else []
+    if report.max_accuracy_drop is not None and report.dense_accuracy is not None:
+        bounds.append(report.dense_accuracy - report.max_accuracy_drop)
+    return max(bounds) if bounds else None
+
+
+def gate_line(report: ReportInput) -> str:
+    """One line: what the accuracy gate required and whether the run met it."""
+    bound = accuracy_gate(report)
+    if bound is None:
+        return "no accuracy gate configured"
+    parts = []
+    if report.max_accuracy_drop is not None and report.dense_accuracy is not None:
+        parts.append(f"dense {report.dense_accuracy:.4f} - max drop {report.max_accuracy_drop}")
+    if report.min_accuracy is not None:
+        parts.append(f"min {report.min_accuracy}")
+    verdict = ("not measured" if report.sparse_accuracy is None
+               else "passed" if report.sparse_accuracy >= bound - 1e-12 else "FAILED")
+    got = "" if report.sparse_accuracy is None else f", got {report.sparse_accuracy:.4f}"
+    return f"sparse accuracy >= {bound:.4f} ({'; '.join(parts)}){got}: {verdict}"
+
+
+def plot_history(history: list[EpochRecord], path: Path, report: ReportInput | None = None) -> Path:
+    """Validation accuracy with the accuracy gate's line (left axis) and sparsity (right axis)
+    against epoch, both phases; the training loss; when the mask-update guard ran, the loss
+    rise it measured at each epoch's mask updates (`mask_update_loss_delta`); and (when layers
+    are known) per-layer sparsity bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = list(range(1, len(history) + 1))
+    layers = [layer for layer in (report.layers if report else []) if layer.targeted]
     deltas = [h.mask_update_loss_delta for h in history]
-    if any(d is not None for d in deltas):
-        fig, (ax, guard_ax) = plt.subplots(2, 1, figsize=(7, 5.6), dpi=110, sharex=True,
-                                           gridspec_kw={"height_ratios": [3, 1.4]})
+    guard = any(d is not None for d in deltas)
+    panels = 2 + guard + bool(layers)
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3.2 * panels), dpi=110)
+    ax, loss_ax = axes[0], axes[1]
+    xs = list(range(1, len(history) + 1))
+    if guard:
+        guard_ax = axes[2]
         guard_ax.bar(xs, [float("nan") if d is None else d for d in deltas], color="tab:orange")
         guard_ax.axhline(0, color="gray", lw=0.8)
         guard_ax.set_ylabel("loss rise at\nmask update", color="tab:orange")
         guard_ax.set_xlabel("epoch (dense phase, then sparse phase)")
         guard_ax.grid(alpha=0.3)
-    else:
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(xs, [float("nan") if h.val_accuracy is None else h.val_accuracy for h in history], "o-",
             color="tab:blue", label="val accuracy")
+    gate = accuracy_gate(report) if report else None
+    if gate is not None:
+        ax.axhline(gate, color="tab:green", linestyle="--", label=f"accuracy gate {gate:.3f}")
+        ax.legend(loc="lower left", fontsize=8)
     ax.set_xlabel("epoch (dense phase, then sparse phase)")
     ax.set_ylabel("validation accuracy", color="tab:blue")
     ax.set_ylim(0, 1.02)
@@ -103,14 +137,52 @@ def plot_history(history: list[EpochRecord], path: Path) -> Path:
     twin.plot(xs, [h.sparsity for h in history], "s--", color="tab:red", label="sparsity")
     twin.set_ylabel("sparsity of targeted weights", color="tab:red")
     twin.set_ylim(0, 1.02)
+    loss_ax.plot(xs, [h.train_loss for h in history], "o-", color="tab:purple")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss")
     dense_epochs = sum(1 for h in history if h.phase == "dense")
-    if 0 < dense_epochs < len(history):
-        ax.axvline(dense_epochs + 0.5, color="gray", linestyle=":")
-    ax.grid(alpha=0.3)
+    for axis in (ax, loss_ax):
+        if 0 < dense_epochs < len(history):
+            axis.axvline(dense_epochs + 0.5, color="gray", linestyle=":")
+        axis.grid(alpha=0.3)
+    if layers:
+        bars = axes[-1]
+        bars.barh(range(len(layers)), [layer.sparsity for layer in layers], color="tab:red")
+        bars.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=7)
+        bars.invert_yaxis()
+        bars.set_xlim(0, 1)
+        bars.set_xlabel("sparsity per targeted layer (after bake)")
+        bars.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
+
+
+def onnx_check(row: dict[str, Any], run_pattern: str) -> tuple[str, str, str]:
+    """(what was checked, its result, the 2:4 hardware verdict) for one read-back ONNX row.
+
+    An unstructured weight is checked against its sparsity target, and is called 2:4 capable
+    only if it actually holds 2:4 (its 2:4 check found no bad group), never for its shape alone.
+    """
+    expected = row.get("expected_pattern", run_pattern)
+    ok = row.get("pattern_ok")
+    if expected in (None, "dense"):
+        checked, result = "not targeted", "-"
+    elif expected == "unstructured":
+        target = row.get("expected_sparsity")
+        checked = "unstructured target" + ("" if target is None else f" {target:.3f}")
+        result = "-" if ok is None else "unstructured target met" if ok else "target MISSED"
+    else:
+        checked = f"holds {expected}"
+        result = "-" if ok is None else f"{expected} ok" if ok else f"{expected} BROKEN"
+    holds_24 = (row.get("pattern_ok") is True and expected == "2:4") or (
+        expected != "2:4" and row.get("groups") and row.get("bad_groups") == 0)
+    if not holds_24:
+        hardware = "no: does not hold 2:4" if expected not in (None, "dense") or ok is not None else "-"
+    else:
+        hardware = "2:4 sparse-eligible" if row.get("eligible") else "holds 2:4, not eligible"
+    return checked, result, hardware
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -150,6 +222,7 @@ def render_markdown(report: ReportInput, plot_name: str | None) -> str:
         ("parameters (dense / nonzero)", f"{r.params} / {r.nonzero_params}"),
         ("MACs per sample (dense)", r.macs),
         ("ONNX parity (max abs error)", r.parity_max_abs_error),
+        ("accuracy gate", gate_line(r)),
         ("largest loss rise at a mask update (guard)", _largest_rise(r.history)),
         ("config hash", r.config_hash[:16]),
     ]:
@@ -164,20 +237,21 @@ def render_markdown(report: ReportInput, plot_name: str | None) -> str:
             lines.append(f"| {layer.name} | {layer.type} | {'x'.join(map(str, layer.shape))} | {layer.pattern} "
                          f"| {layer.sparsity:.3f} | {layer.reason} |")
     if r.onnx_layers:
-        lines += ["", "## ONNX weights and TensorRT sparse eligibility (read back from model.onnx)", "",
-                  "| tensor | op | shape | reduction axis | sparsity | pattern ok | sparse-eligible | note |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## ONNX weights: what was checked (read back from model.onnx)", "",
+                  "| tensor | op | shape | reduction axis | sparsity | checked | result | 2:4 hardware | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in r.onnx_layers:
+            checked, result, hardware = onnx_check(row, r.pattern)
             lines.append(
                 f"| {row.get('name')} | {row.get('op')} | {'x'.join(map(str, row.get('shape', [])))} "
-                f"| {row.get('reduction_axis')} | {_fmt(row.get('sparsity'), 3)} | {_fmt(row.get('pattern_ok'))} "
-                f"| {_fmt(row.get('eligible'))} | {row.get('reason') or ''} |")
+                f"| {row.get('reduction_axis')} | {_fmt(row.get('sparsity'), 3)} | {checked} | {result} "
+                f"| {hardware} | {row.get('reason') or ''} |")
     if r.artifacts:
         lines += ["", "## Artifacts", "", "| file | bytes | sha256 |", "|---|---|---|"]
         for a in r.artifacts:
             lines.append(f"| {a.path} | {a.bytes} | `{a.sha256[:16]}` |")
     if plot_name:
-        lines += ["", f"![accuracy and sparsity over epochs]({plot_name})"]
+        lines += ["", f"![accuracy with the gate line, sparsity, training loss and per-layer sparsity]({plot_name})"]
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +260,7 @@ def write_report(run_dir: Path, report: ReportInput, cfg: ReportConfig) -> list[
     written = []
     plot_name = None
     if cfg.plot and report.history:
-        written.append(plot_history(report.history, run_dir / "training.png"))
+        written.append(plot_history(report.history, run_dir / "training.png", report))
         plot_name = "training.png"
     written.append(atomic_write_text(run_dir / "report.md", render_markdown(report, plot_name)))
     return written

@@ -11,15 +11,18 @@ convolutions (one input channel per group).
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import math
 from typing import Any, Callable, Sequence
 
 import torch
+from pydantic import BaseModel, Field
 from torch import nn
 
 from optg.registry import Registry
 from stages.base import StageError, missing_extra
+from stages.plugins import signature_schema
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -455,3 +458,21 @@ def _reserved(model: str, options: dict[str, Any], names: Sequence[str]) -> None
             f"model {model!r}: option(s) {', '.join(clash)} are set by the pipeline "
             "(pretrained weights load through model.weights)"
         )
+
+
+# --------------------------------------------------------------------------- option schemas
+
+# Allowed ranges of the built-in factories' options, by parameter name: wide enough for any
+# real model, narrow enough that a typo (width 1e9) is refused by `optg check`, not the allocator.
+OPTION_BOUNDS: dict[str, Any] = {
+    "width": Field(ge=1, le=4096), "channels": Field(ge=1, le=4096), "width_mult": Field(gt=0, le=16),
+    "dim": Field(ge=1, le=8192), "depth": Field(ge=1, le=128), "heads": Field(ge=1, le=256),
+    "mlp_ratio": Field(ge=1, le=16), "patch": Field(ge=1, le=1024),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def options_schema(name: str) -> type[BaseModel]:
+    """The strict options model of built-in model `name`, derived from its factory's
+    signature (after `input_shape, num_classes`) with `OPTION_BOUNDS`."""
+    return signature_schema(MODELS.get(name), name, skip=2, bounds=OPTION_BOUNDS)

@@ -21,11 +21,12 @@ from stages.data.bundle import (
     to_dataset,
     validate_arrays,
 )
-from stages.data.catalog import DATASETS
+from stages.data.catalog import DATASET_SCHEMAS, DATASETS, check_builtin
 from stages.plugins import check_options, import_callable
 
 __all__ = [
-    "DATASETS", "SPLITS", "Arrays", "DataBundle", "DataConfig", "LoaderOptions", "bundle_from_arrays", "load_data",
+    "DATASETS", "SPLITS", "Arrays", "check_data_config",
+    "DataBundle", "DataConfig", "LoaderOptions", "bundle_from_arrays", "load_data",
     "split_arrays", "to_dataset", "validate_arrays",
 ]
 
@@ -68,6 +69,26 @@ def _load_plugin(cfg: DataConfig, seed: int) -> DataBundle:
         cfg.name, cfg, seed, train, test=pair("test"), val=pair("val"),
         num_classes=result.get("num_classes"),
     )
+
+
+def check_data_config(cfg: DataConfig) -> list[tuple[str, str]]:
+    """Everything about `cfg` that can be checked without loading data, as (key inside
+    `data`, message) pairs: the name is known (or the plugin imports and is callable), and
+    the options fit the dataset's schema (or the plugin's signature). `optg check` runs it."""
+    if ":" in cfg.name:
+        try:
+            factory = import_callable(cfg.name, "dataset")
+            check_options(factory, cfg.options, f"dataset {cfg.name!r}", reserved=("seed",))
+        except StageError as exc:
+            return [("name" if "option" not in str(exc) else "options", str(exc))]
+        return []
+    if cfg.name not in DATASET_SCHEMAS:
+        try:
+            DATASETS.get(cfg.name)
+        except UnknownNameError as exc:
+            return [("name", f"{exc}; or 'package.module:callable'")]
+        return []  # registered by a plugin at import time: its factory checks its own options
+    return check_builtin(cfg.name, cfg)
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:

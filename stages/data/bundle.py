@@ -99,6 +99,8 @@ class DataBundle:
     input_shape: tuple[int, ...]
     num_classes: int
     loading: LoaderOptions = field(default_factory=lambda: LoaderOptions())
+    class_names: list[str] | None = None  # label i's name, when the source knows it
+    preprocessing: dict[str, Any] | None = None  # what a deployed model's input must get (scale, mean, std)
 
     def split(self, split: str) -> Dataset:
         if split not in SPLITS:

@@ -8,19 +8,22 @@ downloaded or written to disk.
 from __future__ import annotations
 
 import functools
+import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.utils.data import Dataset
 
 from optg.registry import Registry
 from stages.base import StageError, StrictModel
 from stages.data.bundle import DataBundle, DataConfig, bundle_from_arrays
 from stages.data.imagefolder import load_imagefolder
+from stages.plugins import schema_problems
 from stages.safe_pickle import restricted_load
 
 DatasetFactory = Callable[[DataConfig, int], DataBundle]
@@ -28,6 +31,9 @@ DatasetFactory = Callable[[DataConfig, int], DataBundle]
 DATASETS: Registry[DatasetFactory] = Registry[DatasetFactory]("dataset")
 
 OptionsT = TypeVar("OptionsT", bound=StrictModel)
+
+MAX_SAMPLES = 100_000_000  # generated datasets: beyond this the allocation, not the config, fails
+MAX_SYNTHETIC_ELEMENTS = 1 << 30  # values in a synthetic dataset (4 GiB of float32)
 
 
 class NoOptions(StrictModel):
@@ -76,15 +82,18 @@ def digits(cfg: DataConfig, seed: int) -> DataBundle:
 
     raw = load_digits()
     x = (raw.images / 16.0).astype(np.float32)[:, None, :, :]
-    return bundle_from_arrays("digits", cfg, seed, (x, raw.target), num_classes=10)
+    bundle = bundle_from_arrays("digits", cfg, seed, (x, raw.target), num_classes=10)
+    bundle.class_names = [str(i) for i in range(10)]
+    bundle.preprocessing = {"layout": "N x 1 x 8 x 8", "scale": "pixel / 16 (sklearn digits 0..16 -> 0..1)"}
+    return bundle
 
 
 # --------------------------------------------------------------------------- mnist1d
 
 
 class Mnist1dOptions(StrictModel):
-    num_samples: int | None = Field(None, ge=20, description="package default: 5000")
-    seed: int | None = Field(None, description="generation seed; package default: 42")
+    num_samples: int | None = Field(None, ge=20, le=MAX_SAMPLES, description="package default: 5000")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="generation seed; package default: 42")
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,18 +129,20 @@ def mnist1d(cfg: DataConfig, seed: int) -> DataBundle:
     opts = parse_options("mnist1d", Mnist1dOptions, cfg.options)
     _no_path("mnist1d", cfg)
     x, y, x_test, y_test = _mnist1d_arrays(opts.num_samples, opts.seed)
-    return bundle_from_arrays(
+    bundle = bundle_from_arrays(
         "mnist1d", cfg, seed, (x, y), test=(x_test, y_test), num_classes=10
     )
+    bundle.class_names = [str(i) for i in range(10)]
+    return bundle
 
 
 # --------------------------------------------------------------------------- synthetic
 
 
 class SyntheticOptions(StrictModel):
-    shape: list[int] = Field(default_factory=lambda: [1, 8, 8], min_length=1)
-    num_classes: int = Field(4, ge=2)
-    num_samples: int = Field(512, ge=4)
+    shape: list[int] = Field(default_factory=lambda: [1, 8, 8], min_length=1, max_length=4)
+    num_classes: int = Field(4, ge=2, le=100_000)
+    num_samples: int = Field(512, ge=4, le=MAX_SAMPLES)
     noise: float = Field(0.5, ge=0.0)
 
     @field_validator("shape")
@@ -140,6 +151,14 @@ class SyntheticOptions(StrictModel):
         if any(d <= 0 for d in value):
             raise ValueError(f"all dims must be > 0, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "SyntheticOptions":
+        elements = self.num_samples * math.prod(self.shape)
+        if elements > MAX_SYNTHETIC_ELEMENTS:
+            raise ValueError(f"num_samples x prod(shape) = {elements} values; the limit is "
+                             f"{MAX_SYNTHETIC_ELEMENTS} ({4 * MAX_SYNTHETIC_ELEMENTS >> 30} GiB of float32)")
+        return self
 
 
 @DATASETS.register("synthetic")
@@ -161,7 +180,7 @@ def synthetic(cfg: DataConfig, seed: int) -> DataBundle:
 
 
 class NpzOptions(StrictModel):
-    num_classes: int | None = Field(None, ge=1, description="default: max label + 1")
+    num_classes: int | None = Field(None, ge=1, le=1_000_000, description="default: max label + 1")
 
 
 _NPZ_EXPLICIT = ("x_train", "y_train", "x_test", "y_test")
@@ -225,6 +244,7 @@ def npz(cfg: DataConfig, seed: int) -> DataBundle:
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR10_TEST = "test_batch"
 
@@ -330,15 +350,28 @@ def cifar10(cfg: DataConfig, seed: int) -> DataBundle:
     )
     if opts.augment:
         bundle.train = AugmentedTensorDataset(*bundle.train.tensors)  # type: ignore[attr-defined]
+    bundle.class_names = list(CIFAR10_CLASSES)
+    bundle.preprocessing = {"layout": "N x 3 x 32 x 32 RGB", "scale": "pixel / 255",
+                            "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
     return bundle
 
 
 # --------------------------------------------------------------------------- imagefolder
 
 class ImageFolderOptions(StrictModel):
-    image_size: int = Field(224, gt=0, description="crop size fed to the model")
-    resize: int = Field(256, gt=0, description="eval: resize shorter side, then center-crop")
+    image_size: int = Field(224, gt=0, le=4096, description="crop size fed to the model")
+    resize: int | None = Field(None, gt=0, le=8192, description="eval: resize shorter side, then "
+                               "center-crop; default round(image_size * 256 / 224), ImageNet's ratio")
     augment: bool = Field(True, description="train: RandomResizedCrop + horizontal flip")
+
+    @model_validator(mode="after")
+    def _resize_covers_crop(self) -> "ImageFolderOptions":
+        if self.resize is None:
+            self.__dict__["resize"] = round(self.image_size * 256 / 224)  # no re-validation loop
+        elif self.resize < self.image_size:
+            raise ValueError(f"resize ({self.resize}) must be >= image_size ({self.image_size}): the eval "
+                             "centre crop is taken from the resized image")
+        return self
 
 
 @DATASETS.register("imagefolder")
@@ -352,5 +385,43 @@ def imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     """
     opts = parse_options("imagefolder", ImageFolderOptions, cfg.options)
     root = _need_path("imagefolder", cfg, "a root with train/ and val/ class folders")
+    assert opts.resize is not None  # filled from image_size by the options model
     return load_imagefolder(root, image_size=opts.image_size, resize=opts.resize,
                             augment=opts.augment, val_fraction=cfg.val_fraction, seed=seed)
+
+
+# --------------------------------------------------------------------------- schemas (for `optg check`)
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    """What a built-in dataset accepts, checked before anything runs: its options model and
+    whether `path` is required (with what it names) or refused (None)."""
+
+    options: type[StrictModel]
+    path: str | None
+
+
+DATASET_SCHEMAS: dict[str, DatasetSchema] = {
+    "digits": DatasetSchema(NoOptions, None),
+    "mnist1d": DatasetSchema(Mnist1dOptions, None),
+    "synthetic": DatasetSchema(SyntheticOptions, None),
+    "npz": DatasetSchema(NpzOptions, "a .npz file with x/y or x_train/y_train/x_test/y_test"),
+    "cifar10": DatasetSchema(Cifar10Options, "the CIFAR-10 python-format folder (cifar-10-batches-py)"),
+    "imagefolder": DatasetSchema(ImageFolderOptions, "a root with train/ and val/ class folders"),
+}
+
+
+def check_builtin(name: str, cfg: DataConfig) -> list[tuple[str, str]]:
+    """Problems of a built-in dataset's config as (key inside `data`, message); [] if none.
+
+    Checks what can be known without reading the data: options against the dataset's schema,
+    and whether `path` is given when needed (not whether it exists: the data may be mounted
+    only where the run happens)."""
+    schema = DATASET_SCHEMAS[name]
+    problems: list[tuple[str, str]] = []
+    if schema.path is not None and cfg.path is None:
+        problems.append(("path", f"dataset {name!r} needs `path`: {schema.path}"))
+    if schema.path is None and cfg.path is not None:
+        problems.append(("path", f"dataset {name!r} is built in and takes no path"))
+    return problems + schema_problems(schema.options, cfg.options, f"dataset {name!r}")

@@ -220,4 +220,8 @@ def load_imagefolder(root: Path, *, image_size: int, resize: int, augment: bool,
         train = train_all.subset(keep)
         val = ImageFolderDataset(root / "train", paths, labels, eval_tf).subset(carve)
     return DataBundle(name="imagefolder", train=train, val=val, test=test,
-                      input_shape=(3, image_size, image_size), num_classes=len(classes))
+                      input_shape=(3, image_size, image_size), num_classes=len(classes),
+                      class_names=list(classes),
+                      preprocessing={"layout": f"N x 3 x {image_size} x {image_size} RGB",
+                                     "resize_shorter_side": resize, "center_crop": image_size,
+                                     "scale": "pixel / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
