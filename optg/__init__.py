@@ -46,11 +46,13 @@ from optg.schedules import (
 from optg.sparsifier import LayerReport, LifecycleError, Sparsifier, weighted_sparsity
 from optg.spec import (
                             PRETRAINED,
+                            PRETRAINED_UNSTRUCTURED,
                             GuardSpec,
                             Problem,
                             Resolved,
                             ScheduleSpec,
                             SparsitySpec,
+                            pretrained_settings,
                             spec_problems,
                             warmup_steps,
 )
@@ -64,6 +66,7 @@ __all__ = [
                             "MASK_RULES",
                             "METHODS",
                             "PRETRAINED",
+                            "PRETRAINED_UNSTRUCTURED",
                             "SCHEDULES",
                             "SRSTE",
                             "ConstantSchedule",
@@ -100,6 +103,7 @@ __all__ = [
                             "format_nm",
                             "parse_nm",
                             "plan_layers",
+                            "pretrained_settings",
                             "schedule_settings",
                             "spec_problems",
                             "training_mode",

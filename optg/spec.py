@@ -95,7 +95,21 @@ PRETRAINED: dict[str, Any] = {
     "score_init_scale": 0.1,
     "guard": {"batches": 2, "threshold": 0.5},
 }
+# Unstructured targets take these on top of `PRETRAINED` (`pretrained_settings`): a prior ten
+# times stronger (the same ranking as learned scores at a tenth of the lr). With 0.1, digits at
+# 98% collapsed (a middle conv pruned to ~100%, test ~24%); with 1.0 it keeps 69-80%, and 95%
+# is unchanged (benchmarks/RESULTS.md, section 5c).
+PRETRAINED_UNSTRUCTURED: dict[str, Any] = {"score_init_scale": 1.0}
 PRETRAINED_WARMUP = (0.1, 500)  # warm-up = min(10% of the sparse phase's steps, 500 steps)
+
+
+def pretrained_settings(pattern: str) -> dict[str, Any]:
+    """The `start: pretrained` settings for learned scores at `pattern` ('unstructured' or
+    'N:M'): `PRETRAINED`, with `PRETRAINED_UNSTRUCTURED` on top for unstructured targets."""
+    settings = dict(PRETRAINED)
+    if pattern == "unstructured":
+        settings.update(PRETRAINED_UNSTRUCTURED)
+    return settings
 
 
 def warmup_steps(total_steps: int) -> int:
@@ -252,9 +266,9 @@ class SparsitySpec(BaseModel):
         if start == "scratch":
             return self
         learned = _resolve(self)[0]
-        presets = dict(PRETRAINED) if learned is not None and learned.criterion.learned else \
-            {"guard": PRETRAINED["guard"]}
-        if "score_init" in presets and steps_per_epoch and self.epochs:
+        presets = pretrained_settings(self.pattern) if learned is not None and learned.criterion.learned \
+            else {"guard": PRETRAINED["guard"]}
+        if "score_init" in presets and "score_warmup_steps" not in presets and steps_per_epoch and self.epochs:
             # ends before the last epoch starts, whose mask is the final one
             presets["score_warmup_steps"] = min(warmup_steps(steps_per_epoch * self.epochs),
                                                 max(0, steps_per_epoch * (self.epochs - 1) - 1))

@@ -204,6 +204,28 @@ def test_auto_start_resolves_from_whether_training_starts_from_trained_weights()
     assert gmp.score_init == "zeros" and gmp.guard is not None  # no learned scores: guard only
 
 
+def test_pretrained_preset_depends_on_the_pattern_kind():
+    # N:M (the quickstart's 2:4 fix): the live prior at 0.1; unstructured: the same prior at 1.0
+    nm = optg.SparsitySpec(method="optg", pattern="2:4", epochs=12).for_start(True, steps_per_epoch=20)
+    un = optg.SparsitySpec(method="optg", target=0.98, epochs=12).for_start(True, steps_per_epoch=20)
+    assert optg.PRETRAINED_UNSTRUCTURED == {"score_init_scale": 1.0}
+    assert optg.pretrained_settings("2:4") == optg.PRETRAINED
+    assert optg.pretrained_settings("unstructured") == {**optg.PRETRAINED, "score_init_scale": 1.0}
+    for spec in (nm, un):
+        assert (spec.score_init, spec.score_lr_coupled, spec.score_warmup_steps) == ("live", False, 24)
+        assert spec.guard == optg.GuardSpec(batches=2, threshold=0.5)
+    assert nm.score_init_scale == 0.1 and un.score_init_scale == 1.0
+    mine = optg.SparsitySpec(method="optg", target=0.9, epochs=12, score_init_scale=0.3)
+    assert mine.for_start(True, steps_per_epoch=20).score_init_scale == 0.3  # the user's value wins
+    # the built criterion ranks with the unstructured scale: s + 1.0 * |w| / mean|w0|
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0, 3.0, 0.0], [0.5, 0.5, -1.0, 2.0]]))
+    sp = optg.create("optg", model, target=0.5, epochs=12, steps_per_epoch=20, from_trained=True).attach()
+    w = model[0].weight
+    assert torch.allclose(sp.criterion.ranking("0", w), w.abs() / w.abs().mean())
+
+
 def test_warmup_rule_in_steps():
     assert optg.warmup_steps(12 * 20) == 24        # digits quickstart: ~1 epoch of 20 steps
     assert optg.warmup_steps(30 * 5000) == 500     # ImageNet-sized epochs: a tenth of one
