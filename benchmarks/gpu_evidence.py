@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -142,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     report["resnet_run"] = cli_run(config, args.out / "resnet", args.device)
     report["step_ratio"] = step_ratio(args.quick, device, repeats=3 if args.quick else 30)
 
-    mask = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mask_select.py"), "--device", args.device]
-                          + (["--weights-m", "1", "--repeats", "1"] if args.quick else []), capture_output=True, text=True, cwd=REPO)
+    quick_mask = ["--weights-m", "1", "--repeats", "1"] if args.quick else []
+    mask = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mask_select.py"), "--device", args.device,
+                           *quick_mask], capture_output=True, text=True, cwd=REPO)
     report["mask_select"] = {"exit": mask.returncode, "output": mask.stdout[-3000:] or mask.stderr[-2000:]}
 
     if args.tests:
-        env = {**__import__("os").environ, "OPTG_TEST_CUDA": "1"}
+        env = {**os.environ, "OPTG_TEST_CUDA": "1"}
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
                                capture_output=True, text=True, cwd=REPO, env=env)
         report["tests"] = {"exit": tests.returncode, "tail": tests.stdout[-3000:]}
