@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,7 +205,7 @@ def test_mlflow_run_deleted_from_the_store_gives_a_new_run_and_a_warning(tmp_pat
     assert any(old in w and "no longer exists" in w for w in second.warnings)
 
 
-def test_tensorboard_event_files_read_back(tmp_path, tensorboard):
+def test_tensorboard_event_files_read_back(tmp_path, tensorboard, monkeypatch):
     log_dir = tmp_path / "tb"
     tcfg = TrackingConfig.model_validate({"tensorboard": {"log_dir": str(log_dir)}})
     run_dir = tmp_path / "runs" / "tiny"
@@ -231,11 +232,17 @@ def test_tensorboard_event_files_read_back(tmp_path, tensorboard):
     assert scalars("final") == {"sparse_accuracy": [(0, 0.7)], "dense_accuracy": [(0, 0.75)]}
 
     # A rerun replays epochs from 1 with new values: TensorBoard shows each step once, the newest.
-    again = build_tracking(tcfg)
-    again.start({"name": "tiny"}, run_dir)
-    for i, loss in [(1, 1.1), (2, 0.85), (3, 0.6)]:
-        again.log_epoch("dense", i, {"train_loss": loss})
-    again.finish("succeeded")
+    # Event files are named by the second they were opened (then a per-process counter) and read
+    # in name order; a real rerun starts seconds later, so open the rerun's files 2 s on (within
+    # one second, a counter going from 9 to 10 would sort the rerun's file first).
+    now = time.time()
+    with monkeypatch.context() as patched:
+        patched.setattr(time, "time", lambda: now + 2)
+        again = build_tracking(tcfg)
+        again.start({"name": "tiny"}, run_dir)
+        for i, loss in [(1, 1.1), (2, 0.85), (3, 0.6)]:
+            again.log_epoch("dense", i, {"train_loss": loss})
+        again.finish("succeeded")
     assert scalars("dense")["train_loss"] == [(0, 1.5), (1, 1.1), (2, 0.85), (3, 0.6)]
     assert all(f.stat().st_size > 0 for f in (log_dir / "tiny" / "dense").iterdir())
 
