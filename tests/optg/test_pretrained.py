@@ -205,25 +205,32 @@ def test_auto_start_resolves_from_whether_training_starts_from_trained_weights()
 
 
 def test_pretrained_preset_depends_on_the_pattern_kind():
-    # N:M (the quickstart's 2:4 fix): the live prior at 0.1; unstructured: the same prior at 1.0
+    # N:M (the quickstart's 2:4 fix): the live prior at 0.1; unstructured: the authors' scores + guard
     nm = optg.SparsitySpec(method="optg", pattern="2:4", epochs=12).for_start(True, steps_per_epoch=20)
     un = optg.SparsitySpec(method="optg", target=0.98, epochs=12).for_start(True, steps_per_epoch=20)
-    assert optg.PRETRAINED_UNSTRUCTURED == {"score_init_scale": 1.0}
+    authors = optg.SparsitySpec(method="optg", target=0.98, epochs=12)
+    assert optg.PRETRAINED_UNSTRUCTURED == {"guard": optg.PRETRAINED["guard"]}
     assert optg.pretrained_settings("2:4") == optg.PRETRAINED
-    assert optg.pretrained_settings("unstructured") == {**optg.PRETRAINED, "score_init_scale": 1.0}
+    assert optg.pretrained_settings("unstructured") == optg.PRETRAINED_UNSTRUCTURED
+    assert (nm.score_init, nm.score_lr_coupled, nm.score_warmup_steps, nm.score_init_scale) == ("live", False, 24, 0.1)
+    assert (un.score_init, un.score_lr_coupled, un.score_warmup_steps, un.score_init_scale) == \
+        (authors.score_init, authors.score_lr_coupled, authors.score_warmup_steps, authors.score_init_scale)
     for spec in (nm, un):
-        assert (spec.score_init, spec.score_lr_coupled, spec.score_warmup_steps) == ("live", False, 24)
         assert spec.guard == optg.GuardSpec(batches=2, threshold=0.5)
-    assert nm.score_init_scale == 0.1 and un.score_init_scale == 1.0
     mine = optg.SparsitySpec(method="optg", target=0.9, epochs=12, score_init_scale=0.3)
     assert mine.for_start(True, steps_per_epoch=20).score_init_scale == 0.3  # the user's value wins
-    # the built criterion ranks with the unstructured scale: s + 1.0 * |w| / mean|w0|
-    model = nn.Sequential(nn.Linear(4, 2, bias=False))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, -2.0, 3.0, 0.0], [0.5, 0.5, -1.0, 2.0]]))
-    sp = optg.create("optg", model, target=0.5, epochs=12, steps_per_epoch=20, from_trained=True).attach()
-    w = model[0].weight
-    assert torch.allclose(sp.criterion.ranking("0", w), w.abs() / w.abs().mean())
+    # the built criterion ranks N:M with the prior: s + 0.1 * |w| / mean|w0| (s = 0 at attach);
+    # unstructured from trained weights ranks by the learned scores alone, as the authors do
+    def attached(**kw):
+        model = nn.Sequential(nn.Linear(4, 2, bias=False))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.tensor([[1.0, -2.0, 3.0, 0.0], [0.5, 0.5, -1.0, 2.0]]))
+        return model[0].weight, optg.create("optg", model, epochs=12, steps_per_epoch=20, from_trained=True,
+                                            **kw).attach()
+    w, sp = attached(pattern="2:4")
+    assert torch.allclose(sp.criterion.ranking("0", w), 0.1 * w.abs() / w.abs().mean())
+    w, sp = attached(target=0.5)
+    assert torch.equal(sp.criterion.ranking("0", w), torch.zeros_like(w))
 
 
 def test_warmup_rule_in_steps():
