@@ -223,6 +223,15 @@ def test_batch_not_divisible_by_the_processes_is_a_config_error(tmp_path, monkey
     assert not out.exists()  # found before anything was written or launched
 
 
+def test_structured_under_several_processes_is_a_config_error(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(CONFIG + "structured: {ratio: 0.5}\n")
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--nproc", "2"]) == 2
+    assert "structured: channel pruning runs in one process" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_debug_hook_rank_selects_one_process(monkeypatch):
     from pipeline.config import ConfigError
     from pipeline.stage_table import debug_signal_hook
