@@ -221,7 +221,9 @@ class Suite:
 
 PRETRAINED_UNSTRUCTURED = ("optg", "optg_authors", "gmp")
 PRETRAINED_NM = ("optg", "optg_authors", "oneshot", "srste")
-PRETRAINED_METHODS = tuple(dict.fromkeys(("dense",) + PRETRAINED_UNSTRUCTURED + PRETRAINED_NM))
+# dense_ft: the dense model fine-tuned with the same protocol, no sparsity: how much of a
+# method's result is the extra training alone
+PRETRAINED_METHODS = tuple(dict.fromkeys(("dense", "dense_ft") + PRETRAINED_UNSTRUCTURED + PRETRAINED_NM))
 PRETRAINED_MODELS: dict[str, dict[str, Any]] = {"mnist1d": {"channels": 128}, "digits": {}}
 FIRST_CONV = {"mnist1d": "^conv1$", "digits": r"^0\.0$"}  # left dense for every method
 PRETRAINED_EPOCHS = {"mnist1d": (20, 20), "digits": (8, 12)}  # (dense, fine-tune), as the shipped configs
@@ -246,11 +248,17 @@ class PretrainedProtocol:
         return TrainConfig(epochs=self.dense_epochs, warmup_epochs=min(self.warmup_epochs, self.dense_epochs - 1),
                            optimizer=OptimizerConfig(lr=self.dense_lr, weight_decay=self.weight_decay))
 
-    def sparsity_config(self, method: str, pattern: str) -> SparsityConfig:
-        train = TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
-                            optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
+    def finetune_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
+                           optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
+
+    def sparsity_config(self, method: str, pattern: str,
+                        optg_set: dict[str, Any] | None = None) -> SparsityConfig:
+        """`optg_set`: spec fields set explicitly on the `optg` method (a candidate); the
+        pretrained preset then fills only the fields it leaves unset."""
+        train = self.finetune_config()
         nm = _is_nm(pattern)
-        start = {"optg": {"start": "auto"}, "optg_authors": {"start": "scratch"}}.get(method, {})
+        start = {"optg": {"start": "auto", **(optg_set or {})}, "optg_authors": {"start": "scratch"}}.get(method, {})
         return SparsityConfig(**train.model_dump(), method="optg" if method.startswith("optg") else method,
                               pattern=pattern if nm else "unstructured", target=None if nm else float(pattern),
                               exclude=[FIRST_CONV[self.dataset]], **start)
@@ -260,9 +268,10 @@ class PretrainedSuite(Suite):
     """Cells of the from-pretrained protocol; the dense model of each (dataset, seed) is trained
     once and cached as a file in `<out>/dense_models/` (a state dict of tensors)."""
 
-    def __init__(self, protocols: dict[str, PretrainedProtocol], cache: RunCache, out: Path, log=print) -> None:
+    def __init__(self, protocols: dict[str, PretrainedProtocol], cache: RunCache, out: Path, log=print,
+                 optg_set: dict[str, Any] | None = None) -> None:
         super().__init__(Protocol(), cache, log)
-        self.protocols, self.out = protocols, out
+        self.protocols, self.out, self.optg_set = protocols, out, dict(optg_set or {})
 
     def fresh_model(self, dataset: str, seed: int) -> nn.Module:
         bundle = self.bundle(dataset, seed)
@@ -293,7 +302,7 @@ class PretrainedSuite(Suite):
         fields: dict[str, Any] = {"protocol": "pretrained", **asdict(proto), "model_options": PRETRAINED_MODELS[dataset]}
         if method.startswith("optg"):  # the settings in force, so a new default reruns these cells
             steps = math.ceil(len(self.bundle(dataset, seed).split("train")) / proto.batch_size)
-            spec = proto.sparsity_config(method, pattern).for_start(True, steps)
+            spec = proto.sparsity_config(method, pattern, self.optg_set).for_start(True, steps)
             fields["optg"] = spec.model_dump(mode="json", include=set(OPTG_SETTINGS))
         return json.dumps({"dataset": dataset, "method": method, "pattern": pattern, "seed": seed, **fields},
                           sort_keys=True)
@@ -307,8 +316,11 @@ class PretrainedSuite(Suite):
         proto, bundle = self.protocols[dataset], self.bundle(dataset, seed)
         model, info = self.pretrained(dataset, seed)
         history, sparsity, layers, deltas = [], 0.0, {}, []
-        if method != "dense":
-            cfg = proto.sparsity_config(method, pattern)
+        if method == "dense_ft":
+            history = Trainer(model, bundle, proto.finetune_config(), phase="dense", device=CPU, seed=seed,
+                              batch_size=proto.batch_size, log=lambda _: None).run()
+        elif method != "dense":
+            cfg = proto.sparsity_config(method, pattern, self.optg_set)
             steps = len(bundle.loader("train", proto.batch_size, shuffle=True, seed=0))
             sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed, from_trained=True)
             trainer = Trainer(model, bundle, cfg, phase="sparse", device=CPU, seed=seed,
@@ -347,8 +359,7 @@ def pretrained_cells(datasets: list[str], methods: list[str], sparsities: list[s
                      patterns: list[str]) -> list[tuple[str, str, str]]:
     out = []
     for d in datasets:
-        if "dense" in methods:
-            out.append((d, "dense", "dense"))
+        out += [(d, m, "dense") for m in ("dense", "dense_ft") if m in methods]
         out += [(d, m, s) for s in sparsities for m in methods if m in PRETRAINED_UNSTRUCTURED]
         out += [(d, m, p) for p in patterns for m in methods if m in PRETRAINED_NM]
     return out
@@ -462,12 +473,13 @@ def plot(dataset: str, agg: dict, sparsities: list[str], patterns: list[str], me
 
 
 def pretrained_report(dataset: str, agg: dict, records: list[dict[str, Any]], columns: list[str],
-                      methods: list[str], proto: PretrainedProtocol, path: Path) -> str:
+                      methods: list[str], proto: PretrainedProtocol, path: Path, optg_label: str = "") -> str:
     """From-pretrained table (method x sparsity/pattern, test accuracy %, mean ± std) with the
     peak fine-tuning train loss per cell, and a plot of accuracy per column."""
     dense = agg.get((dataset, "dense", "dense"))
+    dense_ft = agg.get((dataset, "dense_ft", "dense"))
     n = max((v["n"] for k, v in agg.items() if k[0] == dataset), default=0)
-    label = {"optg": "optg (pretrained default)", "optg_authors": "optg as the authors run it",
+    label = {"optg": optg_label or "optg (pretrained default)", "optg_authors": "optg as the authors run it",
              "oneshot": "oneshot (ASP)"}
     peaks: dict[tuple[str, str], list[float]] = {}
     for r in records:
@@ -479,8 +491,11 @@ def pretrained_report(dataset: str, agg: dict, records: list[dict[str, Any]], co
              f"mean ± std over {n} seed(s)", ""]
     if dense:
         lines += [f"Dense (the starting point): **{_cell(dense)}**", ""]
+    if dense_ft:
+        lines += [f"Dense fine-tuned {proto.epochs} more epochs with the same protocol, no sparsity: "
+                  f"**{_cell(dense_ft)}**", ""]
     lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(columns) + 1) + "|"]
-    rows = [m for m in methods if m != "dense"]
+    rows = [m for m in methods if m not in ("dense", "dense_ft")]
     for m in rows:
         cells_ = [_cell(agg.get((dataset, m, c))) if (dataset, m, c) in agg else "" for c in columns]
         lines.append(f"| {label.get(m, m)} | " + " | ".join(cells_) + " |")
@@ -524,19 +539,23 @@ def pretrained_main(a: argparse.Namespace) -> dict[str, Any]:
     sparsities = [s for s in a.sparsities if float(s) <= 0.98] if a.sparsities else ["0.9", "0.95", "0.98"]
     patterns = [p for p in a.patterns if p in ("2:4", "1:4")] or ["2:4", "1:4"]
     a.out.mkdir(parents=True, exist_ok=True)
-    suite = PretrainedSuite(protocols, RunCache(a.out / "accuracy_runs.json"), a.out)
+    optg_set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.optg_set)}
+    suite = PretrainedSuite(protocols, RunCache(a.out / "accuracy_runs.json"), a.out, optg_set=optg_set)
     todo = pretrained_cells(a.datasets, methods, sparsities, patterns)
     records = [suite.run(d, m, pat, seed) for seed in a.seeds for d, m, pat in todo]
     agg = aggregate(records)
     summary: dict[str, Any] = {"protocol": {d: asdict(p) for d, p in protocols.items()}, "seeds": a.seeds,
                                "cells": [{"dataset": k[0], "method": k[1], "pattern": k[2], **v}
                                          for k, v in sorted(agg.items())]}
+    # a candidate's tables go beside the default's, named by its settings
+    suffix = f"_candidate_{abs(hash_text(json.dumps(optg_set, sort_keys=True))) % 10**6}" if optg_set else ""
+    optg_label = f"optg, candidate {json.dumps(optg_set, sort_keys=True)}" if optg_set else ""
     for d in a.datasets:
         text = pretrained_report(d, agg, records, sparsities + patterns, methods, protocols[d],
-                                 a.out / f"pretrained_{d}.png")
-        (a.out / f"pretrained_{d}.md").write_text(text)
+                                 a.out / f"pretrained_{d}{suffix}.png", optg_label)
+        (a.out / f"pretrained_{d}{suffix}.md").write_text(text)
         print(text)
-    (a.out / "pretrained_summary.json").write_text(json.dumps(summary, indent=1))
+    (a.out / f"pretrained_summary{suffix}.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -583,6 +602,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--exclude", nargs="+", default=[], metavar="REGEX",
                    help="module names left dense for every method (e.g. '^conv1$', the first conv)")
     g = p.add_argument_group("OptG experiment knobs (default: library defaults)")
+    g.add_argument("--optg-set", nargs="+", default=[], metavar="FIELD=JSON",
+                   help="pretrained protocol: spec fields set on the optg method (a candidate), e.g. "
+                        "score_init_scale=1.0 'schedule={\"final_epochs\": 6}'")
     g.add_argument("--beta", type=float)
     g.add_argument("--center", type=float)
     g.add_argument("--final-epochs", type=int)
