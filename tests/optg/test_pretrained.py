@@ -205,21 +205,21 @@ def test_auto_start_resolves_from_whether_training_starts_from_trained_weights()
 
 
 def test_pretrained_preset_depends_on_the_pattern_kind():
-    # N:M (the quickstart's 2:4 fix): the live prior at 0.1; unstructured: the authors' scores + guard
+    # N:M (the quickstart's 2:4 fix): the live prior at 0.01; unstructured: the authors' scores + guard
     nm = optg.SparsitySpec(method="optg", pattern="2:4", epochs=12).for_start(True, steps_per_epoch=20)
     un = optg.SparsitySpec(method="optg", target=0.98, epochs=12).for_start(True, steps_per_epoch=20)
     authors = optg.SparsitySpec(method="optg", target=0.98, epochs=12)
     assert optg.PRETRAINED_UNSTRUCTURED == {"guard": optg.PRETRAINED["guard"]}
     assert optg.pretrained_settings("2:4") == optg.PRETRAINED
     assert optg.pretrained_settings("unstructured") == optg.PRETRAINED_UNSTRUCTURED
-    assert (nm.score_init, nm.score_lr_coupled, nm.score_warmup_steps, nm.score_init_scale) == ("live", False, 24, 0.1)
+    assert (nm.score_init, nm.score_lr_coupled, nm.score_warmup_steps, nm.score_init_scale) == ("live", False, 24, 0.01)
     assert (un.score_init, un.score_lr_coupled, un.score_warmup_steps, un.score_init_scale) == \
         (authors.score_init, authors.score_lr_coupled, authors.score_warmup_steps, authors.score_init_scale)
     for spec in (nm, un):
         assert spec.guard == optg.GuardSpec(batches=2, threshold=0.5)
     mine = optg.SparsitySpec(method="optg", target=0.9, epochs=12, score_init_scale=0.3)
     assert mine.for_start(True, steps_per_epoch=20).score_init_scale == 0.3  # the user's value wins
-    # the built criterion ranks N:M with the prior: s + 0.1 * |w| / mean|w0| (s = 0 at attach);
+    # the built criterion ranks N:M with the prior: s + 0.01 * |w| / mean|w0| (s = 0 at attach);
     # unstructured from trained weights ranks by the learned scores alone, as the authors do
     def attached(**kw):
         model = nn.Sequential(nn.Linear(4, 2, bias=False))
@@ -228,7 +228,7 @@ def test_pretrained_preset_depends_on_the_pattern_kind():
         return model[0].weight, optg.create("optg", model, epochs=12, steps_per_epoch=20, from_trained=True,
                                             **kw).attach()
     w, sp = attached(pattern="2:4")
-    assert torch.allclose(sp.criterion.ranking("0", w), 0.1 * w.abs() / w.abs().mean())
+    assert torch.allclose(sp.criterion.ranking("0", w), 0.01 * w.abs() / w.abs().mean())
     w, sp = attached(target=0.5)
     assert torch.equal(sp.criterion.ranking("0", w), torch.zeros_like(w))
 
@@ -251,3 +251,30 @@ def test_scratch_is_bit_identical_to_the_authors_path(kw):
         w, m = run(**extra)
         assert all(torch.equal(base_w[k], w[k]) for k in base_w)
         assert all(torch.equal(base_m[k], m[k]) for k in base_m)
+
+
+def test_pretrained_ramp_reaches_the_target_early_and_only_replaces_an_unset_sigmoid():
+    # unstructured: centre 0.2 E, last round(0.6 E) epochs at the target; N:M: 0.1 E, round(0.75 E)
+    assert optg.pretrained_ramp("unstructured", 12) == {"center": 2.4, "final_epochs": 7}
+    assert optg.pretrained_ramp("2:4", 12) == {"center": 1.2, "final_epochs": 9}
+    assert optg.pretrained_ramp("unstructured", 100) == {"center": 20.0, "final_epochs": 60}
+    assert optg.pretrained_ramp("1:4", 1) == {"center": 0.1, "final_epochs": 1}
+    un = optg.SparsitySpec(method="optg", target=0.9, epochs=12).for_start(True, steps_per_epoch=20)
+    sched = un.resolve().schedule
+    assert sched.describe() == {"beta": 20 / 12, "center": 2.4, "final_epochs": 7}
+    assert sched.fraction(4.99) < 1.0 and sched.fraction(5.0) == 1.0  # 12 - 7: the target from epoch 5
+    # scratch, a user's schedule setting, an instance or another schedule: untouched
+    scratch = optg.SparsitySpec(method="optg", target=0.9, epochs=12)
+    assert scratch.for_start(False).resolve().schedule.describe() == {"beta": 20 / 12, "center": 0.4 * 12, "final_epochs": 3}
+    mine = optg.SparsitySpec(method="optg", target=0.9, epochs=12, schedule={"beta": 1.0}).for_start(True, 20)
+    assert mine.resolve().schedule.describe() == {"beta": 1.0, "center": 0.4 * 12, "final_epochs": 3}
+    cubic = optg.SparsitySpec(method="optg", target=0.9, epochs=12, schedule="cubic").for_start(True, 20)
+    assert cubic.resolve().schedule.describe() == {"start": 0.0, "end": 9.0}
+    instance = optg.SigmoidSchedule(12, beta=1.0)
+    given = optg.SparsitySpec(method="optg", target=0.9, epochs=12, schedule=instance).for_start(True, 20)
+    assert given.schedule is instance
+    gmp = optg.SparsitySpec(method="gmp", target=0.9, epochs=12).for_start(True, 20)  # no learned scores
+    assert gmp.resolve().schedule.describe() == {"start": 0.0, "end": 9.0}
+    named = optg.SparsitySpec(method="optg", pattern="2:4", epochs=12, schedule="sigmoid").for_start(True, 20)
+    assert named.resolve().schedule.describe()["center"] == 1.2  # named but no settings: the ramp
+    assert named.for_start(True, 20).schedule == named.schedule  # applying it again changes nothing
