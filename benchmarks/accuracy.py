@@ -252,13 +252,14 @@ class PretrainedProtocol:
         return TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
                            optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
 
-    def sparsity_config(self, method: str, pattern: str,
-                        optg_set: dict[str, Any] | None = None) -> SparsityConfig:
-        """`optg_set`: spec fields set explicitly on the `optg` method (a candidate); the
-        pretrained preset then fills only the fields it leaves unset."""
+    def sparsity_config(self, method: str, pattern: str, optg_set: dict[str, Any] | None = None,
+                        gmp_set: dict[str, Any] | None = None) -> SparsityConfig:
+        """`optg_set` / `gmp_set`: spec fields set explicitly on the `optg` / `gmp` method (a
+        candidate); the pretrained preset then fills only the fields it leaves unset."""
         train = self.finetune_config()
         nm = _is_nm(pattern)
-        start = {"optg": {"start": "auto", **(optg_set or {})}, "optg_authors": {"start": "scratch"}}.get(method, {})
+        start = {"optg": {"start": "auto", **(optg_set or {})}, "optg_authors": {"start": "scratch"},
+                 "gmp": dict(gmp_set or {})}.get(method, {})
         return SparsityConfig(**train.model_dump(), method="optg" if method.startswith("optg") else method,
                               pattern=pattern if nm else "unstructured", target=None if nm else float(pattern),
                               exclude=[FIRST_CONV[self.dataset]], **start)
@@ -269,9 +270,10 @@ class PretrainedSuite(Suite):
     once and cached as a file in `<out>/dense_models/` (a state dict of tensors)."""
 
     def __init__(self, protocols: dict[str, PretrainedProtocol], cache: RunCache, out: Path, log=print,
-                 optg_set: dict[str, Any] | None = None) -> None:
+                 optg_set: dict[str, Any] | None = None, gmp_set: dict[str, Any] | None = None) -> None:
         super().__init__(Protocol(), cache, log)
-        self.protocols, self.out, self.optg_set = protocols, out, dict(optg_set or {})
+        self.protocols, self.out = protocols, out
+        self.optg_set, self.gmp_set = dict(optg_set or {}), dict(gmp_set or {})
 
     def fresh_model(self, dataset: str, seed: int) -> nn.Module:
         bundle = self.bundle(dataset, seed)
@@ -304,6 +306,8 @@ class PretrainedSuite(Suite):
             steps = math.ceil(len(self.bundle(dataset, seed).split("train")) / proto.batch_size)
             spec = proto.sparsity_config(method, pattern, self.optg_set).for_start(True, steps)
             fields["optg"] = spec.model_dump(mode="json", include=set(OPTG_SETTINGS))
+        if method == "gmp" and self.gmp_set:
+            fields["gmp"] = self.gmp_set
         return json.dumps({"dataset": dataset, "method": method, "pattern": pattern, "seed": seed, **fields},
                           sort_keys=True)
 
@@ -320,7 +324,7 @@ class PretrainedSuite(Suite):
             history = Trainer(model, bundle, proto.finetune_config(), phase="dense", device=CPU, seed=seed,
                               batch_size=proto.batch_size, log=lambda _: None).run()
         elif method != "dense":
-            cfg = proto.sparsity_config(method, pattern, self.optg_set)
+            cfg = proto.sparsity_config(method, pattern, self.optg_set, self.gmp_set)
             steps = len(bundle.loader("train", proto.batch_size, shuffle=True, seed=0))
             sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed, from_trained=True)
             trainer = Trainer(model, bundle, cfg, phase="sparse", device=CPU, seed=seed,
@@ -473,14 +477,15 @@ def plot(dataset: str, agg: dict, sparsities: list[str], patterns: list[str], me
 
 
 def pretrained_report(dataset: str, agg: dict, records: list[dict[str, Any]], columns: list[str],
-                      methods: list[str], proto: PretrainedProtocol, path: Path, optg_label: str = "") -> str:
+                      methods: list[str], proto: PretrainedProtocol, path: Path, optg_label: str = "",
+                      gmp_label: str = "") -> str:
     """From-pretrained table (method x sparsity/pattern, test accuracy %, mean ± std) with the
     peak fine-tuning train loss per cell, and a plot of accuracy per column."""
     dense = agg.get((dataset, "dense", "dense"))
     dense_ft = agg.get((dataset, "dense_ft", "dense"))
     n = max((v["n"] for k, v in agg.items() if k[0] == dataset), default=0)
     label = {"optg": optg_label or "optg (pretrained default)", "optg_authors": "optg as the authors run it",
-             "oneshot": "oneshot (ASP)"}
+             "oneshot": "oneshot (ASP)", "gmp": gmp_label or "gmp"}
     peaks: dict[tuple[str, str], list[float]] = {}
     for r in records:
         if r["dataset"] == dataset and r["train_loss_curve"]:
@@ -540,7 +545,9 @@ def pretrained_main(a: argparse.Namespace) -> dict[str, Any]:
     patterns = [p for p in a.patterns if p in ("2:4", "1:4")] or ["2:4", "1:4"]
     a.out.mkdir(parents=True, exist_ok=True)
     optg_set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.optg_set)}
-    suite = PretrainedSuite(protocols, RunCache(a.out / "accuracy_runs.json"), a.out, optg_set=optg_set)
+    gmp_set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.gmp_set)}
+    suite = PretrainedSuite(protocols, RunCache(a.out / "accuracy_runs.json"), a.out, optg_set=optg_set,
+                            gmp_set=gmp_set)
     todo = pretrained_cells(a.datasets, methods, sparsities, patterns)
     records = [suite.run(d, m, pat, seed) for seed in a.seeds for d, m, pat in todo]
     agg = aggregate(records)
@@ -548,11 +555,13 @@ def pretrained_main(a: argparse.Namespace) -> dict[str, Any]:
                                "cells": [{"dataset": k[0], "method": k[1], "pattern": k[2], **v}
                                          for k, v in sorted(agg.items())]}
     # a candidate's tables go beside the default's, named by its settings
-    suffix = f"_candidate_{abs(hash_text(json.dumps(optg_set, sort_keys=True))) % 10**6}" if optg_set else ""
+    candidate = {"optg": optg_set, "gmp": gmp_set} if optg_set or gmp_set else {}
+    suffix = f"_candidate_{abs(hash_text(json.dumps(candidate, sort_keys=True))) % 10**6}" if candidate else ""
     optg_label = f"optg, candidate {json.dumps(optg_set, sort_keys=True)}" if optg_set else ""
+    gmp_label = f"gmp, candidate {json.dumps(gmp_set, sort_keys=True)}" if gmp_set else ""
     for d in a.datasets:
         text = pretrained_report(d, agg, records, sparsities + patterns, methods, protocols[d],
-                                 a.out / f"pretrained_{d}{suffix}.png", optg_label)
+                                 a.out / f"pretrained_{d}{suffix}.png", optg_label, gmp_label)
         (a.out / f"pretrained_{d}{suffix}.md").write_text(text)
         print(text)
     (a.out / f"pretrained_summary{suffix}.json").write_text(json.dumps(summary, indent=1))
@@ -605,6 +614,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g.add_argument("--optg-set", nargs="+", default=[], metavar="FIELD=JSON",
                    help="pretrained protocol: spec fields set on the optg method (a candidate), e.g. "
                         "score_init_scale=1.0 'schedule={\"final_epochs\": 6}'")
+    g.add_argument("--gmp-set", nargs="+", default=[], metavar="FIELD=JSON",
+                   help="pretrained protocol: spec fields set on the gmp method, e.g. 'schedule={\"end\": 4.8}'")
     g.add_argument("--beta", type=float)
     g.add_argument("--center", type=float)
     g.add_argument("--final-epochs", type=int)
