@@ -107,9 +107,9 @@ PRETRAINED_WARMUP = (0.1, 500)  # warm-up = min(10% of the sparse phase's steps,
 # `final_epochs = round(f * E)`, so the target is reached by ~40% (unstructured) / ~25% (N:M)
 # of fine-tuning and the rest recovers at the final mask, as ASP and movement pruning's
 # cool-down do. The scratch default (0.4, 0.25) reached it at 75%: measured against it from
-# pretrained (benchmarks/RESULTS.md section 5d, 3 seeds each of digits and MNIST-1D),
-# unstructured OptG gained on 5 of 6 cells (digits 98%: 85.1 -> 92.1); N:M with the prior
-# at 0.01 (was 0.1) gained 0.5-4.4 points on all four cells (MNIST-1D 1:4: 89.6 -> 94.0).
+# pretrained (benchmarks/RESULTS.md section 5, 5 seeds each of digits and MNIST-1D),
+# unstructured OptG gained on 5 of 6 cells (digits 98%: 85.2 -> 89.8); N:M with the prior
+# at 0.01 (was 0.1) gained 0.8-4.2 points on all four cells (MNIST-1D 1:4: 89.4 -> 93.5).
 PRETRAINED_RAMP: dict[str, tuple[float, float]] = {"unstructured": (0.2, 0.6), "nm": (0.1, 0.75)}
 
 
