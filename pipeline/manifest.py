@@ -7,9 +7,10 @@ are written.
 
 Schema versions: 1 (first release); 2 adds `metrics.layers[].parameter` and the export record's
 `file`, `compact_file`, `inputs` and `outputs`; 3 adds the top-level `method`, `pattern`,
-`target`, `environment` and `deployment`. A version-1 manifest still loads (to resume a run
-made by the older release): its layer rows get the only parameter name version 1 could sparsify,
-`<module>.weight`, and its export record the file names version 1 wrote.
+`target`, `environment` and `deployment`; 4 adds `sparsity` (the settings in force). A
+version-1 manifest still loads (to resume a run made by the older release): its layer rows get
+the only parameter name version 1 could sparsify, `<module>.weight`, and its export record the
+file names version 1 wrote.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from stages.export import ExportResult
 from stages.train import EpochRecord
 from stages.verify import VerifyResult
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 Status = Literal["running", "succeeded", "gate_failed", "failed", "interrupted"]
 
@@ -185,6 +186,7 @@ class Manifest(_Growing):
     method: str | None = None
     pattern: str | None = None
     target: float | None = None  # the sparsity the pattern implies or the config asks for
+    sparsity: dict[str, Any] | None = None  # stages.sparsify.settings_in_force(): start mode, schedule, scores
     config_hash: str
     created: str
     updated: str
@@ -222,8 +224,8 @@ class Manifest(_Growing):
         version = data.get("schema", data.get("schema_version"))
         if version not in READABLE_VERSIONS:
             raise ValueError(f"manifest schema {version!r} is not one this release reads {READABLE_VERSIONS}")
-        if version == 2:
-            data = dict(data, schema=SCHEMA_VERSION)  # 3 only adds keys
+        if version in (2, 3):
+            data = dict(data, schema=SCHEMA_VERSION)  # 3 and 4 only add keys
         if version == 1:
             data = dict(data, schema=SCHEMA_VERSION)
             metrics = data.get("metrics")

@@ -209,9 +209,12 @@ def run_sparsify(ctx: RunContext) -> None:
     cfg, data = ctx.cfg.sparsity, ctx.cfg.data
     steps = len(ctx.bundle.loader("train", data.batch_size, shuffle=True, rank=ctx.dist.rank,
                                   world_size=ctx.dist.world_size))
+    from_trained = ctx.cfg.train is not None or ctx.cfg.model.weights is not None
     sparsifier = ctx.sparsifier_ = sparsify_stage.build_sparsifier(
-        ctx.model, cfg, steps_per_epoch=steps, seed=ctx.cfg.seed,
-        from_trained=ctx.cfg.train is not None or ctx.cfg.model.weights is not None)
+        ctx.model, cfg, steps_per_epoch=steps, seed=ctx.cfg.seed, from_trained=from_trained)
+    settings = ctx.run.manifest.sparsity = sparsify_stage.settings_in_force(sparsifier, cfg, from_trained)
+    ctx.log(f"[sparse] start {settings['start']} ({settings['start_reason']}); " + ", ".join(
+        f"{k} {v}" for k, v in settings.items() if k not in ("method", "start", "start_reason")))
     checkpoint = ctx.run.checkpoints / "sparse.pt"
     trainer = _trainer(ctx, "sparse", cfg, sparsifier)
     if not ctx.on_disk(checkpoint):

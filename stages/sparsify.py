@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,26 @@ def build_sparsifier(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: 
 def _create(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: int, seed: int,
             from_trained: bool = False) -> optg.Sparsifier:
     return optg.create(cfg, model, steps_per_epoch=steps_per_epoch, seed=seed, from_trained=from_trained)
+
+
+def settings_in_force(sparsifier: optg.Sparsifier, cfg: SparsityConfig, from_trained: bool) -> dict[str, Any]:
+    """The sparsity settings a run trains with (`sparsifier`, built from `cfg`), JSON-ready:
+    what `start` resolved to and why, the schedule as built (the pretrained ramp included), the
+    score settings where scores are learned, and the guard; `start: auto` would otherwise
+    change them unseen."""
+    spec = sparsifier.spec
+    start = cfg.resolved_start(from_trained)
+    why = ("set in the config" if cfg.start != "auto" else
+           "auto: training starts from trained weights" if from_trained else "auto: training starts from scratch")
+    settings: dict[str, Any] = {
+        "method": spec.method, "start": start, "start_reason": why,
+        "schedule": {"name": type(sparsifier.schedule).__name__, **sparsifier.schedule.describe()}}
+    if getattr(sparsifier.criterion, "learned", False):
+        settings.update({field: getattr(spec, field) for field in (
+            "score_warmup_steps", "score_init", "score_init_scale", "score_lr_coupled", "score_lr_factor",
+            "score_normalization", "max_swap_fraction")})
+    settings["guard"] = spec.guard.model_dump() if spec.guard is not None else None
+    return settings
 
 
 def calibrate_if_needed(sparsifier: optg.Sparsifier, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],

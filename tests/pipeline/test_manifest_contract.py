@@ -48,6 +48,10 @@ def test_every_documented_key_is_in_a_real_manifest_and_back(digits_run):
 def test_manifest_says_what_ran_where_and_how_to_deploy(digits_run):
     out, manifest = digits_run
     assert (manifest["method"], manifest["pattern"], manifest["target"]) == ("optg", "2:4", 0.5)
+    # a dense phase ran, so `start: auto` became the pretrained mode, with its ramp for 1 epoch
+    assert manifest["sparsity"]["start"] == "pretrained" and manifest["sparsity"]["score_init"] == "live"
+    assert manifest["sparsity"]["schedule"] == {"name": "SigmoidSchedule", "beta": 20.0, "center": 0.1,
+                                                "final_epochs": 1}
     env = manifest["environment"]
     assert env["command"][1:] == ["run", str(out.parent / "digits.yaml"), "--out", str(out), "--quiet"]
     assert env["cuda_available"] is False and env["device"] == "cpu" and env["cpu_threads"] >= 1

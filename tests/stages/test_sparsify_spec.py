@@ -140,3 +140,23 @@ def test_from_trained_weights_the_pretrained_mode_and_its_guard_reach_the_traine
     scratch = build_sparsifier(model(), SparsityConfig(method="optg", pattern="2:4", epochs=3),
                                steps_per_epoch=10, seed=0, from_trained=False)
     assert scratch.spec.start == "auto" and scratch.spec.guard is None and scratch.score_warmup_steps == 0
+
+
+def test_settings_in_force_say_what_start_auto_became_and_the_ramp_it_built():
+    from stages.sparsify import settings_in_force
+
+    cfg = SparsityConfig(method="optg", pattern="2:4", epochs=12)
+    pre = settings_in_force(build_sparsifier(model(), cfg, steps_per_epoch=20, seed=0, from_trained=True), cfg, True)
+    assert (pre["start"], pre["start_reason"]) == ("pretrained", "auto: training starts from trained weights")
+    assert pre["schedule"] == {"name": "SigmoidSchedule", "beta": 20 / 12, "center": 1.2, "final_epochs": 9}
+    assert (pre["score_init"], pre["score_init_scale"], pre["score_warmup_steps"], pre["score_lr_coupled"]) == \
+        ("live", optg.PRETRAINED["score_init_scale"], optg.warmup_steps(240), False)
+    assert pre["guard"] == {"batches": 2, "threshold": 0.5}
+    scratch = settings_in_force(build_sparsifier(model(), cfg, steps_per_epoch=20, seed=0), cfg, False)
+    assert (scratch["start"], scratch["start_reason"]) == ("scratch", "auto: training starts from scratch")
+    assert scratch["schedule"]["center"] == pytest.approx(4.8) and scratch["score_init"] == "zeros"
+    assert scratch["guard"] is None
+    gmp = SparsityConfig(method="gmp", target=0.9, epochs=12, start="pretrained")
+    magnitude = settings_in_force(build_sparsifier(model(), gmp, steps_per_epoch=20, seed=0), gmp, False)
+    assert magnitude["start_reason"] == "set in the config" and "score_init" not in magnitude
+    assert magnitude["schedule"] == {"name": "CubicSchedule", "start": 0.0, "end": 9.0}
