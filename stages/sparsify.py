@@ -50,7 +50,8 @@ def settings_in_force(sparsifier: optg.Sparsifier, cfg: SparsityConfig, from_tra
            "auto: training starts from trained weights" if from_trained else "auto: training starts from scratch")
     settings: dict[str, Any] = {
         "method": spec.method, "start": start, "start_reason": why,
-        "schedule": {"name": type(sparsifier.schedule).__name__, **sparsifier.schedule.describe()}}
+        "schedule": {"name": type(sparsifier.schedule).__name__, **sparsifier.schedule.describe()},
+        "update_every_steps": spec.update_every_steps}
     if getattr(sparsifier.criterion, "learned", False):
         settings.update({field: getattr(spec, field) for field in (
             "score_warmup_steps", "score_init", "score_init_scale", "score_lr_coupled", "score_lr_factor",

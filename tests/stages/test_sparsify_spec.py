@@ -151,7 +151,12 @@ def test_settings_in_force_say_what_start_auto_became_and_the_ramp_it_built():
     assert pre["schedule"] == {"name": "SigmoidSchedule", "beta": 20 / 12, "center": 1.2, "final_epochs": 9}
     assert (pre["score_init"], pre["score_init_scale"], pre["score_warmup_steps"], pre["score_lr_coupled"]) == \
         ("live", optg.PRETRAINED["score_init_scale"], optg.warmup_steps(240), False)
-    assert pre["guard"] == {"batches": 2, "threshold": 0.5}
+    assert pre["guard"] == {"batches": 2, "threshold": 0.5} and pre["update_every_steps"] is None
+    un = SparsityConfig(method="optg", target=0.9, epochs=12)
+    unstructured = settings_in_force(build_sparsifier(model(), un, steps_per_epoch=21, seed=0, from_trained=True),
+                                     un, True)
+    assert unstructured["update_every_steps"] is None and unstructured["score_init"] == "zeros"
+    assert unstructured["schedule"]["final_epochs"] == 7  # the unstructured ramp
     scratch = settings_in_force(build_sparsifier(model(), cfg, steps_per_epoch=20, seed=0), cfg, False)
     assert (scratch["start"], scratch["start_reason"]) == ("scratch", "auto: training starts from scratch")
     assert scratch["schedule"]["center"] == pytest.approx(4.8) and scratch["score_init"] == "zeros"
