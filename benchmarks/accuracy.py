@@ -252,17 +252,15 @@ class PretrainedProtocol:
         return TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
                            optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
 
-    def sparsity_config(self, method: str, pattern: str, optg_set: dict[str, Any] | None = None,
-                        gmp_set: dict[str, Any] | None = None) -> SparsityConfig:
-        """`optg_set` / `gmp_set`: spec fields set explicitly on the `optg` / `gmp` method (a
-        candidate); the pretrained preset then fills only the fields it leaves unset."""
+    def sparsity_config(self, method: str, pattern: str, fields: dict[str, Any] | None = None) -> SparsityConfig:
+        """`fields`: spec fields set explicitly on this method (a candidate); for `optg` the
+        pretrained preset then fills only the fields they leave unset."""
         train = self.finetune_config()
         nm = _is_nm(pattern)
-        start = {"optg": {"start": "auto", **(optg_set or {})}, "optg_authors": {"start": "scratch"},
-                 "gmp": dict(gmp_set or {})}.get(method, {})
+        start = {"optg": {"start": "auto"}, "optg_authors": {"start": "scratch"}}.get(method, {})
         return SparsityConfig(**train.model_dump(), method="optg" if method.startswith("optg") else method,
                               pattern=pattern if nm else "unstructured", target=None if nm else float(pattern),
-                              exclude=[FIRST_CONV[self.dataset]], **start)
+                              exclude=[FIRST_CONV[self.dataset]], **{**start, **(fields or {})})
 
 
 class PretrainedSuite(Suite):
@@ -270,10 +268,11 @@ class PretrainedSuite(Suite):
     once and cached as a file in `<out>/dense_models/` (a state dict of tensors)."""
 
     def __init__(self, protocols: dict[str, PretrainedProtocol], cache: RunCache, out: Path, log=print,
-                 optg_set: dict[str, Any] | None = None, gmp_set: dict[str, Any] | None = None) -> None:
+                 candidates: dict[str, dict[str, Any]] | None = None) -> None:
+        """candidates: per method name, spec fields set on it (`--optg-set`, `--gmp-set`)."""
         super().__init__(Protocol(), cache, log)
         self.protocols, self.out = protocols, out
-        self.optg_set, self.gmp_set = dict(optg_set or {}), dict(gmp_set or {})
+        self.candidates = {m: fields for m, fields in (candidates or {}).items() if fields}
 
     def fresh_model(self, dataset: str, seed: int) -> nn.Module:
         bundle = self.bundle(dataset, seed)
@@ -304,10 +303,10 @@ class PretrainedSuite(Suite):
         fields: dict[str, Any] = {"protocol": "pretrained", **asdict(proto), "model_options": PRETRAINED_MODELS[dataset]}
         if method.startswith("optg"):  # the settings in force, so a new default reruns these cells
             steps = math.ceil(len(self.bundle(dataset, seed).split("train")) / proto.batch_size)
-            spec = proto.sparsity_config(method, pattern, self.optg_set).for_start(True, steps)
+            spec = proto.sparsity_config(method, pattern, self.candidates.get(method)).for_start(True, steps)
             fields["optg"] = spec.model_dump(mode="json", include=set(OPTG_SETTINGS))
-        if method == "gmp" and self.gmp_set:
-            fields["gmp"] = self.gmp_set
+        elif method in self.candidates:
+            fields[method] = self.candidates[method]
         return json.dumps({"dataset": dataset, "method": method, "pattern": pattern, "seed": seed, **fields},
                           sort_keys=True)
 
@@ -324,7 +323,7 @@ class PretrainedSuite(Suite):
             history = Trainer(model, bundle, proto.finetune_config(), phase="dense", device=CPU, seed=seed,
                               batch_size=proto.batch_size, log=lambda _: None).run()
         elif method != "dense":
-            cfg = proto.sparsity_config(method, pattern, self.optg_set, self.gmp_set)
+            cfg = proto.sparsity_config(method, pattern, self.candidates.get(method))
             steps = len(bundle.loader("train", proto.batch_size, shuffle=True, seed=0))
             sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed, from_trained=True)
             trainer = Trainer(model, bundle, cfg, phase="sparse", device=CPU, seed=seed,
@@ -477,15 +476,15 @@ def plot(dataset: str, agg: dict, sparsities: list[str], patterns: list[str], me
 
 
 def pretrained_report(dataset: str, agg: dict, records: list[dict[str, Any]], columns: list[str],
-                      methods: list[str], proto: PretrainedProtocol, path: Path, optg_label: str = "",
-                      gmp_label: str = "") -> str:
+                      methods: list[str], proto: PretrainedProtocol, path: Path,
+                      labels: dict[str, str] | None = None) -> str:
     """From-pretrained table (method x sparsity/pattern, test accuracy %, mean ± std) with the
     peak fine-tuning train loss per cell, and a plot of accuracy per column."""
     dense = agg.get((dataset, "dense", "dense"))
     dense_ft = agg.get((dataset, "dense_ft", "dense"))
     n = max((v["n"] for k, v in agg.items() if k[0] == dataset), default=0)
-    label = {"optg": optg_label or "optg (pretrained default)", "optg_authors": "optg as the authors run it",
-             "oneshot": "oneshot (ASP)", "gmp": gmp_label or "gmp"}
+    label = {"optg": "optg (pretrained default)", "optg_authors": "optg as the authors run it",
+             "oneshot": "oneshot (ASP)", **(labels or {})}
     peaks: dict[tuple[str, str], list[float]] = {}
     for r in records:
         if r["dataset"] == dataset and r["train_loss_curve"]:
@@ -544,10 +543,9 @@ def pretrained_main(a: argparse.Namespace) -> dict[str, Any]:
     sparsities = [s for s in a.sparsities if float(s) <= 0.98] if a.sparsities else ["0.9", "0.95", "0.98"]
     patterns = [p for p in a.patterns if p in ("2:4", "1:4")] or ["2:4", "1:4"]
     a.out.mkdir(parents=True, exist_ok=True)
-    optg_set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.optg_set)}
-    gmp_set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.gmp_set)}
-    suite = PretrainedSuite(protocols, RunCache(a.out / "accuracy_runs.json"), a.out, optg_set=optg_set,
-                            gmp_set=gmp_set)
+    candidates = {method: {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
+                  for method, items in (("optg", a.optg_set), ("gmp", a.gmp_set)) if items}
+    suite = PretrainedSuite(protocols, RunCache(a.out / "accuracy_runs.json"), a.out, candidates=candidates)
     todo = pretrained_cells(a.datasets, methods, sparsities, patterns)
     records = [suite.run(d, m, pat, seed) for seed in a.seeds for d, m, pat in todo]
     agg = aggregate(records)
@@ -555,13 +553,11 @@ def pretrained_main(a: argparse.Namespace) -> dict[str, Any]:
                                "cells": [{"dataset": k[0], "method": k[1], "pattern": k[2], **v}
                                          for k, v in sorted(agg.items())]}
     # a candidate's tables go beside the default's, named by its settings
-    candidate = {"optg": optg_set, "gmp": gmp_set} if optg_set or gmp_set else {}
-    suffix = f"_candidate_{abs(hash_text(json.dumps(candidate, sort_keys=True))) % 10**6}" if candidate else ""
-    optg_label = f"optg, candidate {json.dumps(optg_set, sort_keys=True)}" if optg_set else ""
-    gmp_label = f"gmp, candidate {json.dumps(gmp_set, sort_keys=True)}" if gmp_set else ""
+    suffix = f"_candidate_{abs(hash_text(json.dumps(candidates, sort_keys=True))) % 10**6}" if candidates else ""
+    labels = {m: f"{m}, candidate {json.dumps(fields, sort_keys=True)}" for m, fields in candidates.items()}
     for d in a.datasets:
         text = pretrained_report(d, agg, records, sparsities + patterns, methods, protocols[d],
-                                 a.out / f"pretrained_{d}{suffix}.png", optg_label, gmp_label)
+                                 a.out / f"pretrained_{d}{suffix}.png", labels)
         (a.out / f"pretrained_{d}{suffix}.md").write_text(text)
         print(text)
     (a.out / f"pretrained_summary{suffix}.json").write_text(json.dumps(summary, indent=1))
