@@ -209,7 +209,7 @@ class Suite:
                   "test_accuracy": evaluate(model, bundle, "test", CPU),
                   "val_accuracy": evaluate(model, bundle, "val", CPU),
                   "sparsity": sparsity, "layer_sparsity": layers, "seconds": time.perf_counter() - started,
-                  "val_curve": [round(r.val_accuracy, 4) for r in history],
+                  "val_curve": [round(r.val_metric, 4) for r in history if r.val_metric is not None],
                   "settings": self.proto.key_fields(method)}
         self.cache.put(key, record)
         self.log(f"{dataset} {method} {pattern} seed {seed}: test {record['test_accuracy']:.4f} "
@@ -339,7 +339,7 @@ class PretrainedSuite(Suite):
                   "val_accuracy": evaluate(model, bundle, "val", CPU), "dense_end_loss": info["end_loss"],
                   "sparsity": sparsity, "layer_sparsity": layers, "seconds": time.perf_counter() - started,
                   "train_loss_curve": [round(r.train_loss, 4) for r in history], "guard_deltas": deltas,
-                  "val_curve": [round(r.val_accuracy, 4) for r in history if r.val_accuracy is not None]}
+                  "val_curve": [round(r.val_metric, 4) for r in history if r.val_metric is not None]}
         self.cache.put(key, record)
         self.log(f"[pretrained] {dataset} {method} {pattern} seed {seed}: test {record['test_accuracy']:.4f} "
                  f"sparsity {sparsity:.4f} peak loss {max(record['train_loss_curve'], default=0):.3f} "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from optg import LossGuard
+from optg import LossGuard, supervised
 from stages.data import DataConfig, load_data
 from stages.model import ModelConfig, build_model
 from stages.sparsify import SparsityConfig, build_sparsifier
@@ -102,7 +102,7 @@ def run(config: Path, seed: int, name: str, overrides: dict[str, Any], out: Path
                       batch_size=cfg.data.batch_size, sparsifier=sp, log=lambda _: None)
     if trainer.guard is None:  # every candidate is measured by the guard, warnings or not
         batches = [b for _, b in zip(range(2), bundle.loader("train", cfg.data.batch_size, shuffle=True, seed=seed))]
-        trainer.guard = LossGuard(batches, F.cross_entropy, 0.5)
+        trainer.guard = LossGuard(batches, supervised(F.cross_entropy), 0.5)
         sp.add_mask_hook(trainer.guard)
     history = trainer.run()
     sp.bake()

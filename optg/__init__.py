@@ -18,6 +18,7 @@ from optg.criteria import (
                             Magnitude,
                             RandomScores,
                             Snip,
+                            supervised,
 )
 from optg.distributed import MaskDivergence
 from optg.forward import (
@@ -110,6 +111,7 @@ __all__ = [
                             "pretrained_settings",
                             "schedule_settings",
                             "spec_problems",
+                            "supervised",
                             "training_mode",
                             "warmup_steps",
                             "weighted_sparsity",

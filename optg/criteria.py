@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -20,7 +20,17 @@ from optg.registry import Registry
 if TYPE_CHECKING:
     from optg.spec import SparsitySpec
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""`loss_fn(model, batch)`: the scalar loss of `model` on one batch. The library never looks
+inside a batch; for `(x, y)` batches and a loss on logits, `optg.supervised(F.cross_entropy)`."""
+
+
+def supervised(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFn:
+    """A `LossFn` for `(x, y)` batches: `criterion(model(x), y)` (e.g. F.cross_entropy)."""
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return criterion(model(x), y)
+    return loss
 
 
 @runtime_checkable
@@ -145,13 +155,13 @@ class Snip:
         self.tensors = {}
 
     def calibrate(self, model: nn.Module, weights: dict[str, torch.Tensor],
-                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn) -> int:
+                  batches: Iterable[Any], loss_fn: LossFn) -> int:
         names = list(weights)
         grads = [torch.zeros_like(w) for w in weights.values()]
         count = 0
         with training_mode(model, True):
-            for x, y in batches:
-                loss = loss_fn(model(x), y)
+            for batch in batches:
+                loss = loss_fn(model, batch)
                 for acc, g in zip(grads, torch.autograd.grad(loss, list(weights.values()))):
                     acc.add_(g)
                 count += 1

@@ -10,7 +10,7 @@ event naming the layer that lost the most: the layer whose new mask alone (every
 on its previous mask) gives the highest loss. That attribution costs one more pass over the
 batches per layer and is only made when the threshold is crossed.
 
-    guard = optg.LossGuard(batches, F.cross_entropy, threshold=0.5)
+    guard = optg.LossGuard(batches, optg.supervised(F.cross_entropy), threshold=0.5)
     sparsifier.add_mask_hook(guard)
     ...  # guard.events: one MaskUpdateEvent per mask update that changed a mask
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,10 +53,11 @@ class MaskUpdateEvent:
 
 class LossGuard:
     """A mask hook (`Sparsifier.add_mask_hook`) that records a `MaskUpdateEvent` per mask
-    update that changed any mask. `batches`: (input, target) pairs on the model's device,
-    fixed for the whole run so that before/after and epoch to epoch compare like with like."""
+    update that changed any mask. `batches`: batches on the model's device, fixed for the whole
+    run so that before/after and epoch to epoch compare like with like; `loss_fn(model, batch)`
+    gives the loss (see `optg.criteria.LossFn`)."""
 
-    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn,
+    def __init__(self, batches: Sequence[Any], loss_fn: LossFn,
                  threshold: float) -> None:
         if not batches:
             raise ValueError("the guard needs at least one batch")
@@ -69,11 +70,11 @@ class LossGuard:
     def _loss(self, sparsifier: Sparsifier) -> torch.Tensor:
         model = sparsifier.model
         buffers = [(b, b.clone()) for b in model.buffers()]
-        devices = sorted({x.device.index or 0 for x, _ in self.batches if x.device.type == "cuda"})
+        devices = sorted({t.device.index or 0 for t in _tensors(self.batches) if t.device.type == "cuda"})
         total = torch.zeros(())
         with torch.random.fork_rng(devices=devices), training_mode(model, True):
-            for x, y in self.batches:
-                total = total + self.loss_fn(model(x), y).float().cpu()
+            for batch in self.batches:
+                total = total + self.loss_fn(model, batch).float().cpu()
         for buffer, saved in buffers:
             buffer.copy_(saved)
         return total / len(self.batches)
@@ -102,3 +103,14 @@ class LossGuard:
             layers[name].mask.copy_(mask)
         self.events.append(MaskUpdateEvent(progress, loss_before, after, delta, delta > self.threshold,
                                            worst, worst_delta))
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) batch."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []

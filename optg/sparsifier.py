@@ -186,8 +186,10 @@ class Sparsifier:
             self._update_masks(0.0)  # one-shot methods fix the mask now and hold it
         return self
 
-    def calibrate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn) -> int:
-        """Data-driven one-shot criteria (SNIP): score on `batches` and fix the mask."""
+    def calibrate(self, batches: Iterable[Any], loss_fn: LossFn) -> int:
+        """Data-driven one-shot criteria (SNIP): score on `batches` and fix the mask;
+        `loss_fn(model, batch)` is the loss on one batch (`optg.supervised(F.cross_entropy)`
+        for `(x, y)` batches)."""
         self._require("attached", action="calibrate")
         if not self.criterion.needs_calibration:
             raise LifecycleError(f"method {self.method!r} needs no calibration")

@@ -123,7 +123,7 @@ def test_snip_requires_calibration_then_holds_mask():
     sp = optg.create("snip", model, target=0.7, epochs=2).attach()
     with pytest.raises(LifecycleError, match="calibrate"):
         sp.start_epoch(0)
-    assert sp.calibrate(batches(2), F.cross_entropy) == 2
+    assert sp.calibrate(batches(2), optg.supervised(F.cross_entropy)) == 2
     before = {k: v.clone() for k, v in sp.masks().items()}
     train(model, sp, 2)
     after = sp.masks()

@@ -149,7 +149,7 @@ def trained_mlp():
 def test_guard_fires_on_a_planted_bad_mask_and_stays_silent_on_a_good_one(bad):
     model, batches = trained_mlp()
     sp = optg.create("gmp", model, target=0.5, epochs=4).attach()
-    guard = optg.LossGuard(batches, F.cross_entropy, threshold=0.3)
+    guard = optg.LossGuard(batches, optg.supervised(F.cross_entropy), threshold=0.3)
     sp.add_mask_hook(guard)
     layer = {l.plan.name: l for l in sp.layers}["0"]
     before = {l.plan.name: l.mask.bool() for l in sp.layers}
@@ -177,7 +177,7 @@ def test_guard_does_not_change_training():
     def run(with_guard):
         model = net()
         sp = optg.create("optg", model, target=0.8, epochs=3).attach()
-        guard = optg.LossGuard(data(2, seed=9), F.cross_entropy, threshold=1e-6)
+        guard = optg.LossGuard(data(2, seed=9), optg.supervised(F.cross_entropy), threshold=1e-6)
         if with_guard:
             sp.add_mask_hook(guard)
         train(model, sp, 3, 4)

@@ -318,7 +318,7 @@ def test_snip_scores_in_training_mode_and_restores_the_callers_modes():
     model = nn.Sequential(nn.Linear(8, 16), Recorder(), nn.ReLU(), nn.Linear(16, 4))
     model.eval()
     sp = optg.create("snip", model, target=0.5).attach()
-    assert sp.calibrate(data(2), F.cross_entropy) == 2
+    assert sp.calibrate(data(2), optg.supervised(F.cross_entropy)) == 2
     assert model[1].seen == [True, True]
     assert not any(m.training for m in model.modules())
 
