@@ -133,6 +133,10 @@ def plan_layers(model: nn.Module, spec: TargetSpec, pattern: Pattern,
     parents_with_functional_weights = {
         name for name, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)
     }
+    owners: dict[int, list[str]] = {}  # parameter -> every name it is registered under (tied weights)
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    head = _output_head(model)
     seen_weights: dict[int, str] = {}
     plans: list[LayerPlan] = []
     for name, module in model.named_modules():
@@ -148,6 +152,11 @@ def plan_layers(model: nn.Module, spec: TargetSpec, pattern: Pattern,
             reason = "used functionally by nn.MultiheadAttention; cannot be masked"
         elif id(module.weight) in seen_weights:
             reason = f"weight shared with {seen_weights[id(module.weight)]}"
+        elif tied := [n for n in owners.get(id(module.weight), []) if n != _own(name, "weight")]:
+            reason = f"tied to {tied[0]} (masking one would mask the other)"
+        elif module is head and not any(re.search(rx, name) for rx in spec.include):
+            reason = ("output head: dense by default, as SparseGPT and Wanda leave it; "
+                      "name it in include to sparsify it")
         else:
             seen_weights[id(module.weight)] = name
             if spec.include and not any(re.search(rx, name) for rx in spec.include):
@@ -163,6 +172,22 @@ def plan_layers(model: nn.Module, spec: TargetSpec, pattern: Pattern,
         else:
             plans.append(_fit(name, module, pattern, allocation))
     return plans
+
+
+def _own(module: str, parameter: str) -> str:
+    """The state-dict name of `module`'s own `parameter` (the root module has no prefix)."""
+    return f"{module}.{parameter}" if module else parameter
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The output projection onto the vocabulary of a model that declares one (Hugging Face's
+    `get_output_embeddings()`, e.g. a causal LM's `lm_head`), else None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, nn.Module) else None
 
 
 def _fit(name: str, module: nn.Module, pattern: Pattern, allocation: Allocation) -> LayerPlan:
