@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import optg
@@ -62,6 +63,29 @@ def weight_name(model: nn.Module, module_name: str) -> str:
 
 
 def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:
-    """Atomically write the baked state dict (contiguous CPU tensors)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Atomically write the baked state dict (contiguous CPU tensors). A tensor registered
+    under several names (tied weights: a language model's lm_head and token embedding) is
+    stored once, under its first name; `load_safetensors` ties it back."""
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            continue
+        seen[id(value)] = key
+        state[key] = value.detach().cpu().contiguous()
     return atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def load_safetensors(model: nn.Module, path: Path, device: str = "cpu") -> None:
+    """Load `save_safetensors`'s file strictly: every key of the model's state dict is in the
+    file, except the second names of tied weights, which share the stored tensor."""
+    state = load_file(str(path), device=device)
+    names: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(value), []).append(key)
+    for aliases in names.values():
+        stored = next((k for k in aliases if k in state), None)
+        for alias in aliases:
+            if stored is not None and alias not in state:
+                state[alias] = state[stored]
+    model.load_state_dict(state, strict=True)

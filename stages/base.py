@@ -62,6 +62,12 @@ class StageError(RuntimeError):
     """A stage could not do its work (bad data file, export failure...). Exit code 1."""
 
 
+class StageConfigError(StageError):
+    """A stage found, before any training, that the config cannot work with what it names (a
+    model folder that does not fit the task, a class count the model's config contradicts, a
+    layer plan that sparsifies nothing). The pipeline reports it as a config error: exit 2."""
+
+
 class ConfigFieldError(_Locatable, StageError):
     """A stage failed because of one of its config values (e.g. a learning rate that makes the
     loss diverge). Exit code 1, like any StageError; the message names the field."""

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from optg.registry import UnknownNameError
+from stages import hf
 from stages.base import StageError, StrictModel
 from stages.checkpoints import WeightsReport, load_weights
 from stages.plugins import check_options, import_callable, schema_problems
@@ -31,7 +32,9 @@ class ModelConfig(StrictModel):
     """Which model to build and, optionally, which state dict to start from.
 
     name: a built-in (see `stages.zoo.MODELS`), "package.module:callable",
-        "torchvision:<name>" (needs the `vision` extra) or "timm:<name>" (the `timm` extra).
+        "torchvision:<name>" (needs the `vision` extra), "timm:<name>" (the `timm` extra) or
+        "hf:<dir>" (a Hugging Face model folder, relative to the config file; the `hf` extra;
+        see `stages.hf`), loaded for the run's task.
     options: keyword arguments for the factory; unknown ones are rejected with the valid list.
     weights: a `.safetensors` file or a torch.save checkpoint (.pt .pth .bin .ckpt .tar),
         read safely (weights_only) and loaded strictly; the layouts are listed in
@@ -114,10 +117,30 @@ def _zoo_problems(prefix: str, name: str, options: dict[str, Any]) -> list[tuple
     return problems
 
 
-def check_model_config(cfg: ModelConfig) -> list[tuple[str, str]]:
+def starts_trained(cfg: ModelConfig) -> bool:
+    """Whether the model is built with trained weights: `weights`, or an `hf:` folder that
+    holds safetensors (a folder with config.json alone is a random initialisation)."""
+    if cfg.weights is not None:
+        return True
+    folder = hf.hf_dir(cfg.name)
+    if folder is None or not folder.is_dir():
+        return False
+    return any(p.suffix == ".safetensors" for p in folder.iterdir())
+
+
+def check_model_config(cfg: ModelConfig, task: str = "classification",
+                       auto_class: str | None = "AutoModelForImageClassification") -> list[tuple[str, str]]:
     """Everything about `cfg` that can be checked without building: the name resolves (a
-    plugin imports, a torchvision/timm model exists) and the options fit the factory (a
-    built-in's schema with bounds, a plugin's signature). (key inside `model`, message) pairs."""
+    plugin imports, a torchvision/timm model exists, an hf: folder fits `task`) and the options
+    fit the factory (a built-in's schema with bounds, a plugin's signature). (key inside
+    `model`, message) pairs."""
+    folder = hf.hf_dir(cfg.name)
+    if folder is not None:
+        problems = [("name", p) for p in hf.check_folder(folder, auto_class, task)]
+        if cfg.options:
+            problems.append(("options", f"model {cfg.name!r}: an hf: model is configured by its config.json; "
+                                        "it takes no options"))
+        return problems
     for prefix in ZOOS:
         if cfg.name.startswith(prefix):
             return _zoo_problems(prefix, cfg.name[len(prefix):], cfg.options)
@@ -141,16 +164,30 @@ def check_model_config(cfg: ModelConfig) -> list[tuple[str, str]]:
 
 
 def build_model(
-    cfg: ModelConfig, input_shape: Sequence[int], num_classes: int
+    cfg: ModelConfig, input_shape: Sequence[int], num_classes: int, task: Any = None, pad_token_id: int | None = None
 ) -> nn.Module:
     """`build(...).model`: the model alone."""
-    return build(cfg, input_shape, num_classes).model
+    return build(cfg, input_shape, num_classes, task, pad_token_id).model
 
 
-def build(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> ModelResult:
-    """Build the configured model for one-sample `input_shape` and `num_classes`, then load
-    `cfg.weights` if given. Seed torch before calling for reproducible initial weights
-    (a re-initialised head keeps them)."""
+def build(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int, task: Any = None,
+          pad_token_id: int | None = None) -> ModelResult:
+    """Build the configured model for one-sample `input_shape` and `num_classes` (for a causal
+    LM: the vocabulary size), then load `cfg.weights` if given. `task` (a `stages.tasks.Task`,
+    default classification) picks an hf: folder's auto class; `pad_token_id` is the data's pad
+    token (a decoder classifier finds sequence ends by it). Seed torch before calling for
+    reproducible initial weights (a re-initialised head keeps them)."""
+    folder = hf.hf_dir(cfg.name)
+    if folder is not None:
+        auto_class = getattr(task, "hf_auto_class", "AutoModelForImageClassification")
+        task_name = getattr(task, "name", "classification")
+        if auto_class is None:
+            raise StageError(f"model {cfg.name!r}: task {task_name!r} has no Hugging Face auto class")
+        labels = int(num_classes) if auto_class == "AutoModelForSequenceClassification" else None
+        model = hf.load_model(folder, auto_class, task_name, num_labels=labels, pad_token_id=pad_token_id)
+        report = None if cfg.weights is None else load_weights(model, cfg.weights, key=cfg.weights_key,
+                                                                 reinit_head=cfg.reinit_head)
+        return ModelResult(model, report)
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d <= 0 for d in shape):
         raise StageError(f"model {cfg.name!r}: invalid input_shape {tuple(input_shape)}")

@@ -45,9 +45,13 @@ class ReportInput(BaseModel):
     pattern: str
     target: float | None = None
     config_hash: str = ""
+    metric: str = "accuracy"  # the task's metric; "perplexity" for a causal LM (lower is better)
     dense_accuracy: float | None = None
     sparse_accuracy: float | None = None
     accuracy_drop: float | None = None
+    dense_perplexity: float | None = None
+    sparse_perplexity: float | None = None
+    perplexity_increase: float | None = None
     targeted_sparsity: float | None = None
     model_sparsity: float | None = None
     params: int | None = None
@@ -56,6 +60,8 @@ class ReportInput(BaseModel):
     parity_max_abs_error: float | None = None
     max_accuracy_drop: float | None = None  # validate's gates, for the gate line
     min_accuracy: float | None = None
+    max_perplexity_increase: float | None = None
+    max_perplexity: float | None = None
     stages: list[StageRow] = Field(default_factory=list)
     layers: list[BakedLayer] = Field(default_factory=list)
     onnx_layers: list[dict[str, Any]] = Field(default_factory=list)  # verify's read-back rows
@@ -64,12 +70,14 @@ class ReportInput(BaseModel):
     sections: list[str] = Field(default_factory=list)  # extra markdown sections (structured, latency)
 
 
-def count_macs_and_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
-    """Dense MACs and parameters for one sample (torch-pruning's counter)."""
+def count_macs_and_params(model: nn.Module, example_input: torch.Tensor | list[torch.Tensor]) -> tuple[int, int]:
+    """Dense MACs and parameters for one sample (torch-pruning's counter); `example_input` is
+    the model's input, or the list of its positional inputs (a token model's ids and mask)."""
     import torch_pruning as tp
 
+    inputs = [t[:1] for t in example_input] if isinstance(example_input, list) else example_input[:1]
     with eval_mode(model):
-        macs, params = tp.utils.count_ops_and_params(model, example_input[:1])
+        macs, params = tp.utils.count_ops_and_params(model, inputs)
     return int(macs), int(params)
 
 
@@ -78,7 +86,13 @@ def nonzero_params(model: nn.Module) -> int:
 
 
 def accuracy_gate(report: ReportInput) -> float | None:
-    """The lowest sparse test accuracy the validate gates accept (None when no gate applies)."""
+    """The bound the validate gates put on the sparse metric: the lowest accuracy, or the
+    highest perplexity, they accept (None when no gate applies)."""
+    if report.metric == "perplexity":
+        ceilings = [report.max_perplexity] if report.max_perplexity is not None else []
+        if report.max_perplexity_increase is not None and report.dense_perplexity is not None:
+            ceilings.append(report.dense_perplexity * (1 + report.max_perplexity_increase))
+        return min(ceilings) if ceilings else None
     bounds = [report.min_accuracy] if report.min_accuracy is not None else []
     if report.max_accuracy_drop is not None and report.dense_accuracy is not None:
         bounds.append(report.dense_accuracy - report.max_accuracy_drop)
@@ -86,19 +100,28 @@ def accuracy_gate(report: ReportInput) -> float | None:
 
 
 def gate_line(report: ReportInput) -> str:
-    """One line: what the accuracy gate required and whether the run met it."""
+    """One line: what the metric's gate required and whether the run met it."""
     bound = accuracy_gate(report)
     if bound is None:
-        return "no accuracy gate configured"
+        return f"no {report.metric} gate configured"
     parts = []
-    if report.max_accuracy_drop is not None and report.dense_accuracy is not None:
-        parts.append(f"dense {report.dense_accuracy:.4f} - max drop {report.max_accuracy_drop}")
-    if report.min_accuracy is not None:
-        parts.append(f"min {report.min_accuracy}")
-    verdict = ("not measured" if report.sparse_accuracy is None
-               else "passed" if report.sparse_accuracy >= bound - 1e-12 else "FAILED")
-    got = "" if report.sparse_accuracy is None else f", got {report.sparse_accuracy:.4f}"
-    return f"sparse accuracy >= {bound:.4f} ({'; '.join(parts)}){got}: {verdict}"
+    if report.metric == "perplexity":
+        if report.max_perplexity_increase is not None and report.dense_perplexity is not None:
+            parts.append(f"dense {report.dense_perplexity:.4f} x (1 + {report.max_perplexity_increase})")
+        if report.max_perplexity is not None:
+            parts.append(f"max {report.max_perplexity}")
+        got_value, relation = report.sparse_perplexity, "<="
+        ok = got_value is not None and got_value <= bound + 1e-12
+    else:
+        if report.max_accuracy_drop is not None and report.dense_accuracy is not None:
+            parts.append(f"dense {report.dense_accuracy:.4f} - max drop {report.max_accuracy_drop}")
+        if report.min_accuracy is not None:
+            parts.append(f"min {report.min_accuracy}")
+        got_value, relation = report.sparse_accuracy, ">="
+        ok = got_value is not None and got_value >= bound - 1e-12
+    verdict = "not measured" if got_value is None else "passed" if ok else "FAILED"
+    got = "" if got_value is None else f", got {got_value:.4f}"
+    return f"sparse {report.metric} {relation} {bound:.4f} ({'; '.join(parts)}){got}: {verdict}"
 
 
 def plot_history(history: list[EpochRecord], path: Path, report: ReportInput | None = None) -> Path:
@@ -125,15 +148,19 @@ def plot_history(history: list[EpochRecord], path: Path, report: ReportInput | N
         guard_ax.set_ylabel("loss rise at\nmask update", color="tab:orange")
         guard_ax.set_xlabel("epoch (dense phase, then sparse phase)")
         guard_ax.grid(alpha=0.3)
-    ax.plot(xs, [float("nan") if h.val_accuracy is None else h.val_accuracy for h in history], "o-",
-            color="tab:blue", label="val accuracy")
+    metric = history[0].metric if history else "accuracy"
+    ax.plot(xs, [float("nan") if h.val_metric is None else h.val_metric for h in history], "o-",
+            color="tab:blue", label=f"val {metric}")
     gate = accuracy_gate(report) if report else None
     if gate is not None:
-        ax.axhline(gate, color="tab:green", linestyle="--", label=f"accuracy gate {gate:.3f}")
+        ax.axhline(gate, color="tab:green", linestyle="--", label=f"{metric} gate {gate:.3f}")
         ax.legend(loc="lower left", fontsize=8)
     ax.set_xlabel("epoch (dense phase, then sparse phase)")
-    ax.set_ylabel("validation accuracy", color="tab:blue")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"validation {metric}", color="tab:blue")
+    if metric == "accuracy":
+        ax.set_ylim(0, 1.02)
+    else:
+        ax.set_yscale("log")
     twin = ax.twinx()
     twin.plot(xs, [h.sparsity for h in history], "s--", color="tab:red", label="sparsity")
     twin.set_ylabel("sparsity of targeted weights", color="tab:red")
@@ -215,15 +242,18 @@ def render_markdown(report: ReportInput, plot_name: str | None) -> str:
     for key, value in [
         ("method / pattern", f"{r.method} / {r.pattern}"),
         ("target sparsity", r.target if r.target is not None else f"{r.pattern} on eligible layers"),
-        ("dense accuracy (test)", r.dense_accuracy),
-        ("sparse accuracy (test, baked)", r.sparse_accuracy),
-        ("accuracy drop", r.accuracy_drop),
+        *([("dense perplexity (test)", r.dense_perplexity),
+           ("sparse perplexity (test, baked)", r.sparse_perplexity),
+           ("perplexity increase (relative)", r.perplexity_increase)] if r.metric == "perplexity" else
+          [("dense accuracy (test)", r.dense_accuracy),
+           ("sparse accuracy (test, baked)", r.sparse_accuracy),
+           ("accuracy drop", r.accuracy_drop)]),
         ("sparsity of targeted weights", r.targeted_sparsity),
         ("sparsity of all Linear/Conv weights", r.model_sparsity),
         ("parameters (dense / nonzero)", f"{r.params} / {r.nonzero_params}"),
         ("MACs per sample (dense)", r.macs),
         ("ONNX parity (max abs error)", r.parity_max_abs_error),
-        ("accuracy gate", gate_line(r)),
+        (f"{r.metric} gate", gate_line(r)),
         ("largest loss rise at a mask update (guard)", _largest_rise(r.history)),
         ("config hash", r.config_hash[:16]),
     ]:

@@ -5,11 +5,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 import optg
+from stages.tasks import ClassificationTask, Task
 from stages.train import TrainConfig
 
 
@@ -60,14 +60,16 @@ def settings_in_force(sparsifier: optg.Sparsifier, cfg: SparsityConfig, from_tra
     return settings
 
 
-def calibrate_if_needed(sparsifier: optg.Sparsifier, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                        cfg: SparsityConfig, device: torch.device) -> int:
-    """SNIP scores connections on a few training batches before training; others skip."""
+def calibrate_if_needed(sparsifier: optg.Sparsifier, loader: Iterable[Any], cfg: SparsityConfig,
+                        device: torch.device, task: Task | None = None) -> int:
+    """SNIP scores connections on a few training batches before training (the task's loss);
+    others skip."""
     if sparsifier.calibrated:
         return 0
+    task = task or ClassificationTask()
     batches = []
-    for x, y in loader:
-        batches.append((x.to(device), y.to(device)))
+    for batch in loader:
+        batches.append(task.to_device(batch, device))
         if len(batches) == cfg.calibration_batches:
             break
-    return sparsifier.calibrate(batches, F.cross_entropy)
+    return sparsifier.calibrate(batches, task.batch_loss)

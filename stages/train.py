@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Annotated, Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import Field, Strict, model_validator
 from torch import nn
 from tqdm.auto import tqdm
@@ -22,8 +21,10 @@ from optg import LossGuard, Sparsifier
 from stages.base import ConfigFieldError, FieldProblem, StageError, StrictModel, eval_mode
 from stages.data import DataBundle
 from stages.data.loading import EpochLoader
+from stages.tasks import ClassificationTask, Task
 
 PHASE_SEEDS = {"dense": 1, "sparse": 2}  # offsets so each phase's random stream is its own
+FINITE_CHECK_EVERY = 100  # steps between reads of the device-side non-finite-loss flag (and at epoch end)
 Beta = Annotated[float, Strict(), Field(ge=0, lt=1)]
 
 
@@ -61,16 +62,45 @@ class TrainConfig(StrictModel):
 
 @dataclass
 class EpochRecord:
+    """One finished epoch. `train_metric` / `val_metric` are the task's metric (`metric` names
+    it); as JSON, CSV and tracking metrics they are `train_<metric>` / `val_<metric>`
+    (`train_accuracy`, `val_perplexity`...), see `to_dict`."""
+
     phase: str
     epoch: int
     train_loss: float
-    train_accuracy: float
-    val_accuracy: float | None
+    train_metric: float | None
+    val_metric: float | None
     sparsity: float
     lr: float
     seconds: float
     samples_per_second: float | None = None  # training samples (all ranks) per second of the epoch's steps
     mask_update_loss_delta: float | None = None  # largest guard-measured rise this epoch
+    metric: str = "accuracy"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, the metric under its own name: {..., "train_accuracy": ..., "val_accuracy": ...}."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "metric":
+                continue
+            key = f.name.replace("_metric", f"_{self.metric}") if f.name in ("train_metric", "val_metric") else f.name
+            out[key] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EpochRecord:
+        """Inverse of `to_dict` (also reads the plain field names): the metric is the one whose
+        `val_<name>` key the row has."""
+        if isinstance(data, EpochRecord):
+            return data
+        if "val_metric" in data:
+            return cls(**data)
+        own = {f.name for f in fields(cls)}
+        metric = next((k[4:] for k in data if k.startswith("val_") and k not in own), "accuracy")
+        rest = {k: v for k, v in data.items() if k in own}
+        return cls(**rest, train_metric=data.get(f"train_{metric}"), val_metric=data.get(f"val_{metric}"),
+                   metric=metric)
 
 
 def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -102,28 +132,18 @@ def use_channels_last(model: nn.Module, device: torch.device) -> bool:
     return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """Copy a batch to `device` without waiting (pinned memory makes it asynchronous)."""
-    if channels_last and x.dim() == 4:
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True)
-
-
 @torch.no_grad()
-def count_correct(model: nn.Module, loader: EpochLoader, device: torch.device,
-                  channels_last: bool = False) -> torch.Tensor:
-    """[correct, seen] top-1 counts (int64, on `device`) over this process's batches.
-
-    Counts stay on the device: one host sync when the caller reads them, none per batch.
-    """
-    counts = torch.zeros(2, dtype=torch.long, device=device)
+def metric_sums(model: nn.Module, loader: EpochLoader, device: torch.device, task: Task,
+                channels_last: bool = False) -> torch.Tensor:
+    """The task's metric sums (e.g. [correct, seen] for accuracy, [nll, tokens] for perplexity)
+    over this process's batches, on `device`: one host sync when the caller reads them, none
+    per batch."""
+    sums = task.empty_sums(device)
     with eval_mode(model):
-        for x, y in loader:
-            y = y.to(device, non_blocking=True)
-            logits = model(to_device(x, device, channels_last))
-            counts[0] += (logits.argmax(1) == y).sum()
-            counts[1] += y.numel()
-    return counts
+        for batch in loader:
+            batch = task.to_device(batch, device, channels_last)
+            sums += task.metric_sums(task.forward(model, batch), batch)
+    return sums
 
 
 def reduce_counts(counts: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -136,21 +156,22 @@ def reduce_counts(counts: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 def evaluate(model: nn.Module, bundle: DataBundle, split: str, device: torch.device,
              batch_size: int = 256, *, rank: int = 0, world_size: int = 1, group: Any = None,
-             loader: EpochLoader | None = None) -> float | None:
-    """Top-1 accuracy on a split; None for an empty split (e.g. val_fraction: 0).
+             loader: EpochLoader | None = None, task: Task | None = None) -> float | None:
+    """The task's metric on a split (top-1 accuracy by default); None for an empty split (e.g.
+    val_fraction: 0).
 
     With world_size > 1 each rank counts its shard (`bundle.loader(..., rank, world_size)`)
-    and the counts are summed over `group`, so every rank returns the accuracy of the whole
-    split. Pass the plain module, not a DDP wrapper. `loader` reuses an existing one.
+    and the sums are added over `group`, so every rank returns the metric of the whole split.
+    Pass the plain module, not a DDP wrapper. `loader` reuses an existing one.
     """
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise StageError(f"evaluate: world_size={world_size} needs an initialised process group")
+    task = task or ClassificationTask()
     if loader is None:
         loader = bundle.loader(split, batch_size, shuffle=False, rank=rank,
                                world_size=world_size, device=device)
-    counts = count_correct(model, loader, device, use_channels_last(model, device))
-    correct, total = (int(v) for v in reduce_counts(counts, group).tolist())
-    return correct / total if total else None
+    sums = metric_sums(model, loader, device, task, use_channels_last(model, device))
+    return task.metric_value(reduce_counts(sums, group).tolist())
 
 
 StepHook = Callable[["Trainer", int, int], None]
@@ -168,8 +189,9 @@ class Trainer:
                  device: torch.device, seed: int, batch_size: int, eval_batch_size: int = 256,
                  sparsifier: Sparsifier | None = None, progress: bool = False,
                  log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
-                 on_step: StepHook | None = None) -> None:
+                 on_step: StepHook | None = None, task: Task | None = None) -> None:
         self.model, self.bundle, self.cfg, self.phase = model, bundle, cfg, phase
+        self.task = task or ClassificationTask()
         self.device, self.seed, self.batch_size = device, seed, batch_size
         self.eval_batch_size = eval_batch_size
         self.sparsifier, self.progress, self.log = sparsifier, progress, log
@@ -203,11 +225,11 @@ class Trainer:
         loader = self.bundle.loader("train", self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
                                     world_size=self.world_size, device=self.device)
         loader.set_epoch(0)
-        for x, y in loader:
-            batches.append((x.to(self.device), y.to(self.device)))
+        for batch in loader:
+            batches.append(self.task.to_device(batch, self.device))
             if len(batches) == settings.batches:
                 break
-        guard = LossGuard(batches, lambda logits, y: F.cross_entropy(logits.float(), y), settings.threshold)
+        guard = LossGuard(batches, self.task.batch_loss, settings.threshold)
         self.sparsifier.add_mask_hook(guard)
         return guard
 
@@ -220,7 +242,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sparsifier": self.sparsifier.state_dict() if self.sparsifier else None,
-            "history": [asdict(r) for r in self.history],
+            "history": [r.to_dict() for r in self.history],
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -233,7 +255,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparsifier"])
-        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.history = [EpochRecord.from_dict(r) for r in state["history"]]
         self.next_epoch = state["next_epoch"]
         torch.set_rng_state(state["rng"].cpu())  # RNG states are CPU ByteTensors, whatever map_location did
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -278,7 +300,7 @@ class Trainer:
             if self.sparsifier is not None:
                 self.sparsifier.start_epoch(epoch)
             try:
-                loss_sum, correct, seen, train_seconds = self._train_epoch(epoch)
+                train_loss, train_metric, seen, train_seconds = self._train_epoch(epoch)
             except Exception as exc:  # torch.compile compiles lazily, at the first steps
                 if self.cfg.compile and _compile_failure(exc):
                     raise StageError(f"train.compile: torch.compile failed on this machine ({exc}); "
@@ -286,16 +308,17 @@ class Trainer:
                 raise
             events = self.guard.events[seen_events:] if self.guard else []
             val = evaluate(self.model, self.bundle, "val", self.device, loader=self.val_loader,
-                           world_size=self.world_size)
+                           world_size=self.world_size, task=self.task)
             sparsity = self.sparsifier.sparsity() if self.sparsifier else 0.0
-            record = EpochRecord(self.phase, epoch, loss_sum / max(1, seen), correct / max(1, seen),
+            metric = self.task.metric
+            record = EpochRecord(self.phase, epoch, train_loss, train_metric,
                                  val, sparsity, self.optimizer.param_groups[0]["lr"],
                                  time.perf_counter() - started, seen / max(train_seconds, 1e-9),
-                                 max((e.delta for e in events), default=None))
+                                 max((e.delta for e in events), default=None), metric=metric.name)
             self.history.append(record)
             self.next_epoch = epoch + 1
             self.log(f"[{self.phase}] epoch {epoch + 1}/{self.cfg.epochs} loss {record.train_loss:.4f} "
-                     f"val_acc {'n/a' if val is None else f'{val:.4f}'} sparsity {sparsity:.3f} "
+                     f"val_{metric.name} {metric.format(val)} sparsity {sparsity:.3f} "
                      f"({record.seconds:.1f}s)")
             for event in events:
                 if event.warning:
@@ -303,38 +326,51 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(self)
 
-    def _loss_weight(self, step: int, local_n: int) -> float:
+    def _loss_weight(self, step: int, batch: Any, units: torch.Tensor) -> float | torch.Tensor:
         """Scale of this rank's mean loss so that DDP's average over ranks is the mean over the
-        global batch: local_n * world_size / global_n (1 for equal shards and one process)."""
+        global batch's loss units: local_units * world_size / global_units (1 in one process).
+        Per-sample losses know the global count from the sampler; a per-token loss sums the
+        ranks' counts (one small collective per step, no host sync)."""
         if self.world_size == 1:
             return 1.0
+        if self.task.loss_per_token:
+            total = reduce_counts(units.clone())
+            return units * self.world_size / total.clamp_min(1)
         sampler = self.train_loader.sampler
         global_n = min(sampler.batch_size, sampler.size - step * sampler.batch_size)
-        return local_n * self.world_size / global_n
+        return self.task.num_samples(batch) * self.world_size / global_n
 
-    def _train_epoch(self, epoch: int) -> tuple[float, int, int, float]:
-        """One pass over this rank's shard: (loss sum, correct, samples) over all ranks, and
-        the seconds the steps took."""
-        loader = self.train_loader
+    def _train_epoch(self, epoch: int) -> tuple[float, float | None, int, float]:
+        """One pass over this rank's shard: the mean loss and the task's train metric over all
+        ranks, the samples of all ranks, and the seconds the steps took.
+
+        No host sync per step: the loss, the metric sums and a non-finite-loss flag (the first
+        bad step and its loss) stay on the device; the flag is read every FINITE_CHECK_EVERY
+        steps and at the end of the epoch, and names the first step whose loss was not finite."""
+        loader, task = self.train_loader, self.task
         loader.set_epoch(epoch)
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"{self.phase} {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
-        loss_sum, seen = 0.0, 0
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for step, (x, y) in enumerate(bar):
-            x, y = to_device(x, self.device, self.channels_last), y.to(self.device, non_blocking=True)
+        smoothing = self.cfg.label_smoothing
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        units_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = task.empty_sums(self.device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        seen = 0
+        for step, batch in enumerate(bar):
+            batch = task.to_device(batch, self.device, self.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.forward(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise ConfigFieldError(FieldProblem(
-                    "optimizer.lr", f"{self.phase}: loss is {value} at epoch {epoch + 1}, step {step + 1}; "
-                    f"lower {{field}} (now {self.cfg.optimizer.lr}) or check the data"))
+                logits = task.forward(self.forward, batch)
+                loss = task.loss(logits.float(), batch, label_smoothing=smoothing)
+            first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
+            bad_step = torch.where(first_bad, step, bad_step)
+            bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
             self.optimizer.zero_grad(set_to_none=True)
-            weight = self._loss_weight(step, y.numel())
-            (loss if weight == 1.0 else loss * weight).backward()
+            units = task.loss_units(batch)
+            weight = self._loss_weight(step, batch, units)
+            (loss if isinstance(weight, float) and weight == 1.0 else loss * weight).backward()
             if self.cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -342,16 +378,29 @@ class Trainer:
             if self.sparsifier is not None:
                 self.sparsifier.step(lr=lr)
             self.scheduler.step()
-            loss_sum += value * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            bar.set_postfix(loss=f"{value:.3f}")
+            loss_sum += loss.detach().double() * units
+            units_sum += units
+            sums += task.train_metric_sums(logits, batch, loss, smoothing)
+            seen += task.num_samples(batch)
+            if self.progress:
+                bar.set_postfix(loss=f"{float(loss):.3f}")  # a display only exists with a terminal
+            if (step + 1) % FINITE_CHECK_EVERY == 0:
+                self._raise_if_not_finite(bad_step, bad_loss, epoch)
             if self.on_step is not None:
                 self.on_step(self, epoch + 1, step + 1)
+        self._raise_if_not_finite(bad_step, bad_loss, epoch)
+        totals = torch.cat([torch.stack([loss_sum, units_sum, loss_sum.new_full((), seen)]), sums.double()])
         if self.world_size > 1:  # the epoch's numbers are the job's, not this rank's shard's
-            totals = reduce_counts(torch.tensor([loss_sum, float(correct), float(seen)],
-                                                dtype=torch.float64, device=self.device))
-            loss_sum, correct_n, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
-        else:
-            correct_n = int(correct)
-        return loss_sum, correct_n, seen, time.perf_counter() - started
+            totals = reduce_counts(totals)
+        values = totals.tolist()
+        train_loss, seen = values[0] / max(1.0, values[1]), int(values[2])
+        metric_sums_ = values[3:] if sums.dtype.is_floating_point else [int(v) for v in values[3:]]
+        return train_loss, task.metric_value(metric_sums_), seen, time.perf_counter() - started
+
+    def _raise_if_not_finite(self, bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int) -> None:
+        """One host read of the device-side flag; ConfigFieldError names the first bad step."""
+        step = int(bad_step)
+        if step >= 0:
+            raise ConfigFieldError(FieldProblem(
+                "optimizer.lr", f"{self.phase}: loss is {float(bad_loss)} at epoch {epoch + 1}, step {step + 1}; "
+                f"lower {{field}} (now {self.cfg.optimizer.lr}) or check the data"))

@@ -22,10 +22,11 @@ from stages.data.bundle import (
     validate_arrays,
 )
 from stages.data.catalog import DATASET_SCHEMAS, DATASETS, check_builtin
-from stages.plugins import check_options, import_callable
+from stages.data.text import TEXT_SCHEMAS, TEXT_SOURCES, TextContext, load_text
+from stages.plugins import check_options, import_callable, schema_problems
 
 __all__ = [
-    "DATASETS", "SPLITS", "Arrays", "check_data_config",
+    "DATASETS", "SPLITS", "TEXT_SOURCES", "Arrays", "TextContext", "check_data_config",
     "DataBundle", "DataConfig", "LoaderOptions", "bundle_from_arrays", "load_data",
     "split_arrays", "to_dataset", "validate_arrays",
 ]
@@ -71,10 +72,26 @@ def _load_plugin(cfg: DataConfig, seed: int) -> DataBundle:
     )
 
 
-def check_data_config(cfg: DataConfig) -> list[tuple[str, str]]:
+def check_data_config(cfg: DataConfig, layout: str | None = None, task: str = "classification"
+                      ) -> list[tuple[str, str]]:
     """Everything about `cfg` that can be checked without loading data, as (key inside
-    `data`, message) pairs: the name is known (or the plugin imports and is callable), and
-    the options fit the dataset's schema (or the plugin's signature). `optg check` runs it."""
+    `data`, message) pairs: the name is known (or the plugin imports and is callable), the
+    options fit the dataset's schema (or the plugin's signature), and the data fits the task
+    (`layout`: the task's text layout, None for tensor data). `optg check` runs it."""
+    if cfg.name in TEXT_SCHEMAS:
+        if layout is None:
+            return [("name", f"dataset {cfg.name!r} is text: it needs a token task (task: sequence_classification "
+                             f"or causal_lm), not {task!r}")]
+        options, path = TEXT_SCHEMAS[cfg.name]
+        problems = schema_problems(options, cfg.options, f"dataset {cfg.name!r}")
+        if path is not None and cfg.path is None:
+            problems.append(("path", f"dataset {cfg.name!r} needs `path`: {path}"))
+        if path is None and cfg.path is not None:
+            problems.append(("path", f"dataset {cfg.name!r} is built in and takes no path"))
+        return problems
+    if layout is not None and cfg.name in DATASET_SCHEMAS:
+        return [("name", f"dataset {cfg.name!r} holds tensors, not text; task {task!r} reads a text source: "
+                         f"{', '.join(TEXT_SOURCES.names())} (or a 'package.module:callable' giving token batches)")]
     if ":" in cfg.name:
         try:
             factory = import_callable(cfg.name, "dataset")
@@ -91,9 +108,15 @@ def check_data_config(cfg: DataConfig) -> list[tuple[str, str]]:
     return check_builtin(cfg.name, cfg)
 
 
-def load_data(cfg: DataConfig, seed: int) -> DataBundle:
-    """Load `cfg.name` with train/val/test splits that depend only on (cfg, seed)."""
-    if ":" in cfg.name:
+def load_data(cfg: DataConfig, seed: int, text: TextContext | None = None) -> DataBundle:
+    """Load `cfg.name` with train/val/test splits that depend only on (cfg, seed). `text`: the
+    token task's context (layout, model folder...), needed for a text source."""
+    if cfg.name in TEXT_SOURCES:
+        if text is None:
+            raise StageError(f"dataset {cfg.name!r} is text: it needs a token task (sequence_classification or "
+                             "causal_lm)")
+        bundle = load_text(cfg, seed, text)
+    elif ":" in cfg.name:
         bundle = _load_plugin(cfg, seed)
     else:
         try:

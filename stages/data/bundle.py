@@ -101,6 +101,8 @@ class DataBundle:
     loading: LoaderOptions = field(default_factory=lambda: LoaderOptions())
     class_names: list[str] | None = None  # label i's name, when the source knows it
     preprocessing: dict[str, Any] | None = None  # what a deployed model's input must get (scale, mean, std)
+    tokenizer: Any = None  # stages.data.text.TokenizerInfo for token data
+    max_token_id: int | None = None  # the largest token id in any split (token data)
 
     def split(self, split: str) -> Dataset:
         if split not in SPLITS:
@@ -135,6 +137,16 @@ class DataBundle:
             pin_memory=opts.pin_memory, persistent_workers=opts.persistent_workers,
             prefetch_factor=opts.prefetch_factor,
         )
+
+    def batch(self, split: str, limit: int | None = None) -> Any:
+        """The first `limit` samples of a split as one batch, without augmentation: `(x, y)`
+        for tensor data, the dataset's own batch (a dict of tensors) for batch datasets."""
+        dataset = self.split(split)
+        get_batch = getattr(dataset, "get_batch", None)
+        if callable(get_batch) and not hasattr(dataset, "tensors"):
+            count = len(dataset) if limit is None else min(limit, len(dataset))  # type: ignore[arg-type]
+            return get_batch(torch.arange(count), None)
+        return self.tensors(split, limit)
 
     def tensors(self, split: str, limit: int | None = None) -> tuple[Tensor, Tensor]:
         """Stacked (x, y) of a split, the first `limit` samples, without augmentation."""

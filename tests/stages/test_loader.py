@@ -20,7 +20,8 @@ from stages.data import DataBundle, DataConfig, LoaderOptions, load_data
 from stages.data.catalog import AugmentedTensorDataset
 from stages.data.imagefolder import EvalTransform, TrainTransform, load_imagefolder
 from stages.data.loading import default_num_workers, make_loader
-from stages.train import TrainConfig, Trainer, evaluate, to_device
+from stages.tasks import ClassificationTask
+from stages.train import TrainConfig, Trainer, evaluate
 
 
 class GlobalRngDataset(Dataset):
@@ -269,8 +270,8 @@ def test_channels_last_training_with_a_sparsifier_restores_contiguous_weights() 
     assert conv.is_contiguous()
     assert torch.allclose(plain.model[0].weight, conv, atol=1e-5)
     assert [round(r.train_loss, 4) for r in plain.history] == [round(r.train_loss, 4) for r in nhwc.history]
-    assert to_device(torch.zeros(2, 3, 4, 4), torch.device("cpu"), True).is_contiguous(
-        memory_format=torch.channels_last)
+    x, _ = ClassificationTask().to_device((torch.zeros(2, 3, 4, 4), torch.zeros(2)), torch.device("cpu"), True)
+    assert x.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_compile_runs_the_same_steps(monkeypatch: pytest.MonkeyPatch) -> None:

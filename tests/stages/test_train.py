@@ -78,7 +78,7 @@ def test_step_hook_sees_every_step_in_order_and_history_is_per_epoch():
     assert t.steps_per_epoch == 3  # 48 training samples / batch 16
     assert seen == [("dense", e, s) for e in (1, 2, 3) for s in (1, 2, 3)]
     assert [h.epoch for h in history] == [0, 1, 2] and t.next_epoch == 3
-    assert all(h.phase == "dense" and h.sparsity == 0.0 and 0 <= h.train_accuracy <= 1 for h in history)
+    assert all(h.phase == "dense" and h.sparsity == 0.0 and 0 <= h.train_metric <= 1 for h in history)
     schedule = warmup_cosine(total_steps=9, warmup_steps=3)  # the LR each epoch ends at
     assert [h.lr for h in history] == pytest.approx([0.1 * schedule(3), 0.1 * schedule(6), 0.0])
 
@@ -103,8 +103,8 @@ def test_resume_from_an_epoch_checkpoint_equals_an_uninterrupted_run():
     resumed.run()
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
-    strip = [(h.epoch, h.train_loss, h.val_accuracy, h.lr) for h in straight.history]
-    assert strip == [(h.epoch, h.train_loss, h.val_accuracy, h.lr) for h in resumed.history]
+    strip = [(h.epoch, h.train_loss, h.val_metric, h.lr) for h in straight.history]
+    assert strip == [(h.epoch, h.train_loss, h.val_metric, h.lr) for h in resumed.history]
 
 
 def test_checkpoint_of_another_phase_is_refused():
