@@ -26,6 +26,7 @@ from stages.onnx_sparsity import (
     OnnxWeight,
     OversizedTensor,
     WeightScan,
+    dense_exemptions,
     load_model,
     scan_weights,
     weight_report,
@@ -55,7 +56,8 @@ def run_inspect(path: str, pattern: str | None, as_json: bool, out: TextIO) -> i
         if not model.ir_version and not model.graph.node:  # protobuf parses b"" as an empty model
             raise ValueError("no ONNX model in the file (empty or not a ModelProto)")
         scan = scan_weights(model, base_dir=str(file.parent))
-        rows = [weight_report(w, checked) for w in scan.weights]
+        exempt = dense_exemptions(model)
+        rows = [weight_report(w, checked, exempt) for w in scan.weights]
     except OversizedTensor as exc:
         print(f"optg inspect: cannot read {path}: oversized tensor: {exc}", file=sys.stderr)
         return EXIT_USAGE

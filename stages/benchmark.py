@@ -30,6 +30,7 @@ from stages.base import StageError, StrictModel
 from stages.export import ExportConfig, export_onnx
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_INT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 class BenchmarkConfig(StrictModel):
@@ -42,6 +43,9 @@ class BenchmarkConfig(StrictModel):
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads (stated in results)")
     cuda: bool = Field(True, description="also time CUDAExecutionProvider when it is installed")
     seed: int = 0
+    sequence_lengths: list[int] | None = Field(
+        None, min_length=1, description="token models: sequence lengths timed with every batch size "
+        "(default: data.options.seq_len)")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -51,6 +55,13 @@ class BenchmarkConfig(StrictModel):
             raise ValueError(f"batch sizes must be >= 1, got {bad}")
         if len(set(value)) != len(value):
             raise ValueError(f"batch sizes must be distinct, got {value}")
+        return value
+
+    @field_validator("sequence_lengths")
+    @classmethod
+    def _lengths(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (any(n < 1 for n in value) or len(set(value)) != len(value)):
+            raise ValueError(f"sequence lengths must be distinct and >= 1, got {value}")
         return value
 
 
@@ -63,6 +74,7 @@ class LatencyRow:
     ratio: float
     reference_samples_ms: list[float] = field(repr=False)
     candidate_samples_ms: list[float] = field(repr=False)
+    sequence_length: int | None = None  # token models: the timed sequence length
 
 
 @dataclass
@@ -75,9 +87,11 @@ class LatencyResult:
     onnxruntime: str
     notes: list[str] = field(default_factory=list)
 
-    def ratio(self, batch_size: int, provider: str = "CPUExecutionProvider") -> float:
+    def ratio(self, batch_size: int, provider: str = "CPUExecutionProvider",
+              sequence_length: int | None = None) -> float:
         for row in self.rows:
-            if row.batch_size == batch_size and row.provider == provider:
+            if row.batch_size == batch_size and row.provider == provider and (
+                    sequence_length is None or row.sequence_length == sequence_length):
                 return row.ratio
         raise KeyError(f"no latency measured for batch {batch_size} on {provider}")
 
@@ -91,7 +105,8 @@ class LatencyResult:
             "threads": self.threads, "repeats": self.repeats, "warmup": self.warmup,
             "onnxruntime": self.onnxruntime, "providers": self.providers, "notes": self.notes,
             "timing": "interleaved (reference and candidate alternate which runs first), median",
-            "rows": [{k: v for k, v in asdict(r).items() if not k.endswith("_samples_ms")}
+            "rows": [{k: v for k, v in asdict(r).items()
+                      if not k.endswith("_samples_ms") and not (k == "sequence_length" and v is None)}
                      for r in self.rows],
         }
 
@@ -127,24 +142,51 @@ def _session(path: Path, threads: int, provider: str) -> ort.InferenceSession:
         raise StageError(f"benchmark: ONNX Runtime cannot load {path}: {exc}") from exc
 
 
-def _input_spec(session: ort.InferenceSession, path: Path, input_shape: Sequence[int],
-                batch: int) -> tuple[str, type]:
+@dataclass(frozen=True)
+class TokenInputs:
+    """A token model's timing inputs: ids drawn uniformly below `vocab_size` (int inputs whose
+    name has no "mask"), attention masks of ones, at each of `sequence_lengths`."""
+
+    vocab_size: int
+    sequence_lengths: Sequence[int]
+
+
+def _feed(session: ort.InferenceSession, path: Path, input_shape: Sequence[int], batch: int,
+          tokens: TokenInputs | None, length: int | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random inputs for one call: floats of [batch, *input_shape] (one input), or the token
+    inputs of [batch, length]; the same generator state gives both models the same input."""
     inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise StageError(f"benchmark: {path} has {len(inputs)} inputs; one is supported")
-    spec = inputs[0]
-    if spec.type not in _DTYPES:
-        raise StageError(f"benchmark: {path} input {spec.name!r} has type {spec.type}; "
-                         f"supported: {', '.join(_DTYPES)}")
-    shape = [batch, *input_shape]
+    if tokens is None:
+        if len(inputs) != 1:
+            raise StageError(f"benchmark: {path} has {len(inputs)} inputs; one float input (or a token model) "
+                             "is supported")
+        spec = inputs[0]
+        if spec.type not in _DTYPES:
+            raise StageError(f"benchmark: {path} input {spec.name!r} has type {spec.type}; "
+                             f"supported: {', '.join(_DTYPES)}")
+        _check_dims(path, spec, [batch, *input_shape])
+        return {spec.name: rng.standard_normal([batch, *input_shape]).astype(_DTYPES[spec.type])}
+    assert length is not None
+    feed = {}
+    for spec in inputs:
+        if spec.type not in _INT_DTYPES:
+            raise StageError(f"benchmark: {path} input {spec.name!r} has type {spec.type}; a token model's inputs "
+                             f"are {', '.join(_INT_DTYPES)}")
+        _check_dims(path, spec, [batch, length])
+        dtype = _INT_DTYPES[spec.type]
+        feed[spec.name] = (np.ones((batch, length), dtype=dtype) if "mask" in spec.name
+                           else rng.integers(0, tokens.vocab_size, (batch, length)).astype(dtype))
+    return feed
+
+
+def _check_dims(path: Path, spec: Any, shape: list[int]) -> None:
     if len(spec.shape) != len(shape):
         raise StageError(f"benchmark: {path} input {spec.name!r} has rank {len(spec.shape)}, "
-                         f"input_shape {tuple(input_shape)} plus batch gives {len(shape)}")
+                         f"the timed input {shape} has {len(shape)}")
     fixed = [(i, d) for i, d in enumerate(spec.shape) if isinstance(d, int) and d != shape[i]]
     if fixed:
         raise StageError(f"benchmark: {path} input {spec.name!r} has fixed dims {spec.shape}; "
                          f"cannot feed {shape} (export with dynamic_batch: true for several batch sizes)")
-    return spec.name, _DTYPES[spec.type]
 
 
 def _cpu_calls(sessions: list[ort.InferenceSession], feeds: list[dict[str, np.ndarray]]) -> list[Callable[[], object]]:
@@ -169,9 +211,10 @@ def _cuda_calls(sessions: list[ort.InferenceSession], feeds: list[dict[str, np.n
 
 
 def measure_latency(reference_onnx: Path, candidate_onnx: Path, input_shape: Sequence[int],
-                    cfg: BenchmarkConfig) -> LatencyResult:
-    """Time both files at every batch size in `cfg.batch_sizes`; `input_shape` is one sample
-    without the batch dim. See the module docstring for the method."""
+                    cfg: BenchmarkConfig, tokens: TokenInputs | None = None) -> LatencyResult:
+    """Time both files at every batch size in `cfg.batch_sizes` (and, for a token model, at
+    every sequence length of `tokens`); `input_shape` is one sample without the batch dim.
+    See the module docstring for the method."""
     reference_onnx, candidate_onnx = Path(reference_onnx), Path(candidate_onnx)
     missing = [str(p) for p in (reference_onnx, candidate_onnx) if not p.is_file()]
     if missing:
@@ -187,15 +230,14 @@ def measure_latency(reference_onnx: Path, candidate_onnx: Path, input_shape: Seq
             notes.append(f"{provider} is installed but a session fell back to "
                          f"{sessions[0].get_providers()[0]}; not timed")
             continue
+        lengths: Sequence[int | None] = list(tokens.sequence_lengths) if tokens is not None else [None]
         for batch in cfg.batch_sizes:
-            base = np.random.default_rng(cfg.seed).standard_normal([batch, *input_shape])
-            feeds: list[dict[str, np.ndarray]] = []
-            for session, path in zip(sessions, (reference_onnx, candidate_onnx)):
-                name, dtype = _input_spec(session, path, input_shape, batch)
-                feeds.append({name: base.astype(dtype)})  # the same input for both
-            make = _cpu_calls if provider == "CPUExecutionProvider" else _cuda_calls
-            ref, cand = interleaved_timings(make(sessions, feeds), cfg.repeats, cfg.warmup)
-            rows.append(_row(provider, batch, ref, cand))
+            for length in lengths:
+                feeds = [_feed(session, path, input_shape, batch, tokens, length, np.random.default_rng(cfg.seed))
+                         for session, path in zip(sessions, (reference_onnx, candidate_onnx))]  # same input
+                make = _cpu_calls if provider == "CPUExecutionProvider" else _cuda_calls
+                ref, cand = interleaved_timings(make(sessions, feeds), cfg.repeats, cfg.warmup)
+                rows.append(_row(provider, batch, ref, cand, length))
     if cfg.cuda and "CUDAExecutionProvider" not in providers:
         notes.append("CUDAExecutionProvider not installed: CPU only")
     return LatencyResult(threads=cfg.threads, repeats=cfg.repeats, warmup=cfg.warmup, rows=rows,
@@ -203,18 +245,20 @@ def measure_latency(reference_onnx: Path, candidate_onnx: Path, input_shape: Seq
                          onnxruntime=ort.__version__, notes=notes)
 
 
-def _row(provider: str, batch: int, ref: list[float], cand: list[float]) -> LatencyRow:
+def _row(provider: str, batch: int, ref: list[float], cand: list[float], length: int | None = None) -> LatencyRow:
     ref_ms, cand_ms = [s * 1e3 for s in ref], [s * 1e3 for s in cand]
     ref_med, cand_med = statistics.median(ref_ms), statistics.median(cand_ms)
-    return LatencyRow(provider, batch, ref_med, cand_med, cand_med / ref_med, ref_ms, cand_ms)
+    return LatencyRow(provider, batch, ref_med, cand_med, cand_med / ref_med, ref_ms, cand_ms, length)
 
 
-def export_reference(model: nn.Module, example_input: torch.Tensor, path: Path,
-                     cfg: ExportConfig) -> Path:
+def export_reference(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor], path: Path,
+                     cfg: ExportConfig, input_names: Sequence[str] | None = None,
+                     dynamic_axes: Sequence[dict[int, str]] | None = None) -> Path:
     """Export the dense model (before pruning) with the same export settings as the final
     model, so the latency ratio compares like with like. Call it before structured pruning
     changes the model in place."""
-    export_onnx(model, example_input, Path(path), cfg, metadata={"optg.role": "latency-reference"})
+    export_onnx(model, example_input, Path(path), cfg, metadata={"optg.role": "latency-reference"},
+                input_names=input_names, dynamic_axes=dynamic_axes)
     return Path(path)
 
 
@@ -223,9 +267,9 @@ def render_latency_markdown(latency: dict[str, Any]) -> str:
     lines = ["## Latency (ONNX Runtime, measured)", "",
              (f"{latency['threads']} intra-op thread(s), median of {latency['repeats']} interleaved "
              f"calls after {latency['warmup']} warm-up, onnxruntime {latency['onnxruntime']}."), "",
-             "| provider | batch | reference ms | candidate ms | ratio |", "|---|---|---|---|---|"]
+             "| provider | batch | sequence | reference ms | candidate ms | ratio |", "|---|---|---|---|---|---|"]
     for r in latency["rows"]:
-        lines.append(f"| {r['provider']} | {r['batch_size']} | {r['reference_ms']:.3f} "
-                     f"| {r['candidate_ms']:.3f} | {r['ratio']:.3f} |")
+        lines.append(f"| {r['provider']} | {r['batch_size']} | {r.get('sequence_length') or '-'} "
+                     f"| {r['reference_ms']:.3f} | {r['candidate_ms']:.3f} | {r['ratio']:.3f} |")
     lines += [f"- {note}" for note in latency.get("notes", [])]
     return "\n".join(lines) + "\n"

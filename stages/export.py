@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -40,6 +40,8 @@ from torch import nn
 
 from stages.base import StageError, StrictModel, eval_mode
 from stages.io import WriteError, atomic_write
+from stages.onnx_sparsity import DENSE_WEIGHTS_KEY, collect_weights
+from stages.weight_match import match_weights
 
 COMPACT_MIN_SPARSITY = 0.5
 _COMPACT_MIN_NUMEL = 64  # tiny tensors are not worth an index array
@@ -112,27 +114,53 @@ def graph_io(proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
             [spec(o) for o in proto.graph.output])
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: ExportConfig,
-                metadata: dict[str, str]) -> ExportResult:
-    """Export `model` (eval mode) to `path`; raise StageError when every exporter fails."""
+def export_onnx(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor], path: Path,
+                cfg: ExportConfig, metadata: dict[str, str], input_names: Sequence[str] | None = None,
+                dynamic_axes: Sequence[dict[int, str]] | None = None,
+                dense_weights: Mapping[str, str] | None = None) -> ExportResult:
+    """Export `model` (eval mode, called with the example inputs positionally) to `path`;
+    raise StageError when every exporter fails.
+
+    `input_names` (default `[cfg.input_name]`) and `dynamic_axes` (per input, axis -> dim
+    name; default the batch axis) come from the task (`stages.tasks.Task.input_specs`): a
+    text model exports `input_ids` and `attention_mask` with dynamic `batch` and `sequence`.
+    `cfg.dynamic_batch: false` fixes the batch axis; other named axes stay dynamic.
+
+    `dense_weights`: PyTorch weight name -> why the run left it dense (tied to the embedding,
+    an output head, excluded by the config). They are found in the exported graph and recorded
+    by ONNX initializer name as metadata `optg.dense_weights` (JSON), which `optg inspect
+    --pattern` reads: the weights a run deliberately kept dense are exempt, with the reason,
+    so a run's own file passes its own check; a file without the record gets no exemption."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     notes: list[str] = []
-    example = example_input.detach()
-    if cfg.dynamic_batch and example.shape[0] == 1:
-        # torch.export specialises a batch of 1 to a constant; trace with 2 to keep it symbolic
-        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    examples = [example_input] if isinstance(example_input, torch.Tensor) else list(example_input)
+    names = list(input_names) if input_names is not None else [cfg.input_name]
+    axes = [dict(a) for a in dynamic_axes] if dynamic_axes is not None else [{0: "batch"} for _ in examples]
+    if len(names) != len(examples) or len(axes) != len(examples):
+        raise StageError(f"export: {len(examples)} example input(s) but {len(names)} name(s) and "
+                         f"{len(axes)} axis map(s)")
+    if not cfg.dynamic_batch:
+        axes = [{i: d for i, d in a.items() if d != "batch"} for a in axes]
+    prepared = []
+    for example, dims in zip(examples, axes):
+        example = example.detach()
+        for axis in dims:  # torch.export specialises a size of 1 to a constant; trace with 2
+            if example.shape[axis] == 1:
+                example = torch.cat([example, example], dim=axis)
+        prepared.append(example)
+    spec = _Interface(names, axes)
     exporters: list[str] = ["dynamo", "torchscript"] if cfg.exporter == "auto" else [cfg.exporter]
 
     with eval_mode(model):
         if cfg.dtype == "fp16":
             work = copy.deepcopy(model).half().eval()
-            half = example.half() if example.is_floating_point() else example
-            proto, used, errors = _try_exporters(work, half, cfg, exporters, notes)
+            half = [x.half() if x.is_floating_point() else x for x in prepared]
+            proto, used, errors = _try_exporters(work, half, cfg, spec, exporters, notes)
             if proto is None:
                 fp32 = copy.deepcopy(model).float().eval()
-                proto, used, errors32 = _try_exporters(fp32, _as_fp32(example), cfg, exporters, notes)
+                proto, used, errors32 = _try_exporters(fp32, _as_fp32(prepared), cfg, spec, exporters, notes)
                 if proto is not None:
                     notes.append("fp16 tracing failed (" + "; ".join(errors) + "); exported fp32 "
                                  "and converted its float tensors to fp16")
@@ -140,13 +168,15 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
                 errors += errors32
         else:
             work = model if _is_fp32(model) else copy.deepcopy(model).float().eval()
-            proto, used, errors = _try_exporters(work, _as_fp32(example), cfg, exporters, notes)
+            proto, used, errors = _try_exporters(work, _as_fp32(prepared), cfg, spec, exporters, notes)
     if proto is None:
         raise StageError("ONNX export failed: " + " | ".join(errors))
 
     inputs, outputs = graph_io(proto)
     props = {**{str(k): str(v) for k, v in metadata.items()}, "exporter": used, "dtype": cfg.dtype,
              "opset": str(cfg.opset), "optg.inputs": json.dumps(inputs), "optg.outputs": json.dumps(outputs)}
+    if dense_weights:
+        props[DENSE_WEIGHTS_KEY] = json.dumps(_dense_by_onnx_name(proto, work, dense_weights), sort_keys=True)
     set_metadata(proto, props)
     input_names = [i["name"] for i in inputs]
     output_names = [o["name"] for o in outputs]
@@ -165,23 +195,31 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, cfg: 
                         data_paths=[p for p in sidecars if p is not None])
 
 
-def _as_fp32(example: torch.Tensor) -> torch.Tensor:
-    return example.float() if example.is_floating_point() else example
+@dataclass(frozen=True)
+class _Interface:
+    """The exported graph's input names and, per input, its dynamic axes by name."""
+
+    names: list[str]
+    axes: list[dict[int, str]]
+
+
+def _as_fp32(examples: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x.float() if x.is_floating_point() else x for x in examples]
 
 
 def _is_fp32(model: nn.Module) -> bool:
     return all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def _try_exporters(model: nn.Module, example: torch.Tensor, cfg: ExportConfig, exporters: list[str],
-                   notes: list[str]) -> tuple[onnx.ModelProto | None, str, list[str]]:
+def _try_exporters(model: nn.Module, example: list[torch.Tensor], cfg: ExportConfig, spec: _Interface,
+                   exporters: list[str], notes: list[str]) -> tuple[onnx.ModelProto | None, str, list[str]]:
     """First exporter that works wins; a fallback after a failure is noted as a warning."""
     errors: list[str] = []
     for name in exporters:
         try:
             with _quiet(notes):
-                proto = _export_dynamo(model, example, cfg) if name == "dynamo" else \
-                    _export_torchscript(model, example, cfg)
+                proto = _export_dynamo(model, example, cfg, spec) if name == "dynamo" else \
+                    _export_torchscript(model, example, cfg, spec)
         except Exception as exc:  # noqa: BLE001 - every exporter failure is reported together
             errors.append(f"{name}: {type(exc).__name__}: {_first_lines(str(exc))}")
             continue
@@ -220,28 +258,43 @@ def _quiet(notes: list[str]) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) -> onnx.ModelProto:
-    dynamic = ({0: torch.export.Dim("batch")},) if cfg.dynamic_batch else None
+def _export_dynamo(model: nn.Module, example: list[torch.Tensor], cfg: ExportConfig,
+                   spec: _Interface) -> onnx.ModelProto:
+    dims: dict[str, Any] = {}
+    dynamic = tuple({axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.items()} or None
+                    for axes in spec.axes)
     program = torch.onnx.export(
-        model, (example,), dynamo=True, verbose=False, opset_version=cfg.opset,
-        input_names=[cfg.input_name], output_names=[cfg.output_name],
-        dynamic_shapes=dynamic, optimize=True, report=False,
+        model, tuple(example), dynamo=True, verbose=False, opset_version=cfg.opset,
+        input_names=spec.names, output_names=[cfg.output_name],
+        dynamic_shapes=dynamic if any(a for a in spec.axes) else None, optimize=True, report=False,
     )
     if program is None:
         raise RuntimeError("dynamo exporter returned no program")
     return program.model_proto
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) -> onnx.ModelProto:
-    axes = {cfg.input_name: {0: "batch"}, cfg.output_name: {0: "batch"}} if cfg.dynamic_batch else None
+def _export_torchscript(model: nn.Module, example: list[torch.Tensor], cfg: ExportConfig,
+                        spec: _Interface) -> onnx.ModelProto:
+    axes: dict[str, dict[int, str]] = {n: a for n, a in zip(spec.names, spec.axes) if a}
+    if axes and "batch" in {d for a in spec.axes for d in a.values()}:
+        axes[cfg.output_name] = {0: "batch"}
     with tempfile.TemporaryDirectory() as tmp:
         target = os.path.join(tmp, "model.onnx")
         torch.onnx.export(
-            model, (example,), target, dynamo=False, verbose=False, opset_version=cfg.opset,
-            input_names=[cfg.input_name], output_names=[cfg.output_name], dynamic_axes=axes,
+            model, tuple(example), target, dynamo=False, verbose=False, opset_version=cfg.opset,
+            input_names=spec.names, output_names=[cfg.output_name], dynamic_axes=axes or None,
             do_constant_folding=True,
         )
         return onnx.load(target, load_external_data=True)
+
+
+def _dense_by_onnx_name(proto: onnx.ModelProto, model: nn.Module, dense: Mapping[str, str]) -> dict[str, str]:
+    """ONNX initializer name -> reason, for the weights in `dense` found by name, exporter
+    metadata or module scope (never by order alone: an exemption must be certain)."""
+    weights = collect_weights(proto)
+    others = [n for n, p in model.named_parameters() if p.dim() >= 2 and n not in dense]
+    found = match_weights(list(dense), weights, model, also=others)
+    return {w.name: dense[name] for name, (w, how) in found.items() if name in dense and how != "order"}
 
 
 def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:

@@ -32,7 +32,9 @@ stricter rule (K % 8 == 0 and C % 16 == 0) is reported separately.
 from __future__ import annotations
 
 import ast
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,25 +216,46 @@ def eligibility(w: OnnxWeight) -> Eligibility:
     return Eligibility(eligible, eligible and not reasons, apex, "; ".join(reasons))
 
 
-def must_hold(w: OnnxWeight, m: int) -> tuple[bool, str]:
+DENSE_WEIGHTS_KEY = "optg.dense_weights"  # metadata: {initializer name: why the run left it dense}
+
+
+def dense_exemptions(model: onnx.ModelProto) -> dict[str, str]:
+    """The weights the exporting run left dense on purpose (`optg.dense_weights` metadata, by
+    initializer name, with the reason); {} for a file without the record or with a bad one."""
+    for prop in model.metadata_props:
+        if prop.key == DENSE_WEIGHTS_KEY:
+            try:
+                value = json.loads(prop.value)
+            except ValueError:
+                return {}
+            if isinstance(value, dict):
+                return {str(k): str(v) for k, v in value.items()}
+    return {}
+
+
+def must_hold(w: OnnxWeight, m: int, exempt: Mapping[str, str] | None = None) -> tuple[bool, str]:
     """Whether `inspect --pattern N:M` requires this weight to hold N:M, and why not if exempt.
 
     Every weight whose reduction axis can carry the pattern (C % M == 0, ungrouped) must hold it,
-    including one the user left dense: finding such layers is what the check is for.
+    including one the user left dense, unless the file records that its run left it dense on
+    purpose (`exempt`: `dense_exemptions`, e.g. an output head tied to the embedding). A file
+    from elsewhere has no record: there, finding dense layers is what the check is for.
     """
     if w.group > 1:
         return False, f"grouped conv (group={w.group})"
     if w.reduction_size % m:
         return False, f"C={w.reduction_size} not divisible by {m}"
+    if exempt and w.name in exempt:
+        return False, f"left dense by the run: {exempt[w.name]}"
     return True, ""
 
 
-def weight_report(w: OnnxWeight, nm: tuple[int, int] | None = None) -> dict:
+def weight_report(w: OnnxWeight, nm: tuple[int, int] | None = None, exempt: Mapping[str, str] | None = None) -> dict:
     """JSON-ready description of one weight; checks `nm` (default hardware 2:4)."""
     n, m = nm if nm is not None else (2, HW_M)
     check = w.check(n, m)
     elig = eligibility(w)
-    required, exempt_reason = must_hold(w, m)
+    required, exempt_reason = must_hold(w, m, exempt)
     return {
         "name": w.name, "node": w.node, "op": w.op, "shape": list(w.shape),
         "reduction_axis": w.reduction_axis, "C": w.reduction_size, "K": w.out_size,

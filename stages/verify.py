@@ -33,9 +33,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from optg.nm import parse_nm
+from stages import weight_match
 from stages.base import GateFailure, StrictModel, eval_mode
 from stages.export import ExportResult, convert_float_type
-from stages.onnx_sparsity import OnnxWeight, check_nm, collect_weights, load_model, weight_report
+from stages.onnx_sparsity import (
+    OnnxWeight,
+    check_nm,
+    collect_weights,
+    dense_exemptions,
+    load_model,
+    must_hold,
+    weight_report,
+)
 
 DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # (atol, rtol)
 PARITY, PATTERN = "onnx_parity", "nm_pattern"
@@ -115,9 +124,26 @@ def raise_on_failure(result: VerifyResult) -> None:
                       + "\n- ".join(result.failures))
 
 
-def verify_onnx(export: ExportResult, model: nn.Module, inputs: torch.Tensor,
+Feed = list[torch.Tensor]  # one set of model inputs, in the order of the file's graph inputs
+
+
+def as_feeds(inputs: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]]) -> list[Feed]:
+    """One tensor (one single-input feed), one feed (a list of tensors) or a list of feeds."""
+    if isinstance(inputs, torch.Tensor):
+        return [[inputs]]
+    items = list(inputs)
+    if items and all(isinstance(t, torch.Tensor) for t in items):
+        return [list(items)]  # type: ignore[arg-type]
+    return [list(feed) for feed in items]  # type: ignore[arg-type]
+
+
+def verify_onnx(export: ExportResult, model: nn.Module,
+                inputs: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
                 expectations: list[LayerExpectation], cfg: VerifyConfig) -> VerifyResult:
-    """Check the files `export` wrote against `model` on `inputs[:cfg.num_samples]`."""
+    """Check the files `export` wrote against `model` (called with a feed's tensors
+    positionally: `stages.tasks.export_view` for a task's model) on the first
+    `cfg.num_samples` samples of each feed. A feed is the file's inputs in graph order; text
+    models are checked on two feeds of different sequence lengths."""
     path, dtype = Path(export.path), export.dtype
     if dtype not in DEFAULT_TOLERANCES:
         raise ValueError(f"dtype must be one of {sorted(DEFAULT_TOLERANCES)}, got {dtype!r}")
@@ -141,8 +167,17 @@ def verify_onnx(export: ExportResult, model: nn.Module, inputs: torch.Tensor,
     matches = match_weights(expectations, weights, model, also=extra)
     layers = _layer_reports(weights, matches, expectations, model, dtype, cfg.sparsity_tolerance)
 
-    feed = inputs[: cfg.num_samples].detach()
-    outputs, parity_fail, onnx_outs = _parity(path, proto, model, feed, atol, rtol, dtype, notes)
+    feeds = [[t[: cfg.num_samples].detach() for t in feed] for feed in as_feeds(inputs)]
+    outputs, parity_fail, onnx_outs = [], [], []
+    for index, feed in enumerate(feeds):
+        rows, fails, got = _parity(path, proto, model, feed, atol, rtol, dtype, notes)
+        if len(feeds) > 1:
+            shape = list(feed[0].shape)
+            rows = [{**row, "feed": index, "input_shape": shape} for row in rows]
+            fails = [f"inputs of shape {shape}: {f}" for f in fails]
+        outputs += rows
+        parity_fail += fails
+        onnx_outs.append(got)
     if parity_fail:
         suspects = [f"'{d['name']}' (node {d['node']}, torch {d['torch_name']}: {d['value_check']})"
                     for d in layers if d.get("value_check") == "differs"
@@ -155,13 +190,38 @@ def verify_onnx(export: ExportResult, model: nn.Module, inputs: torch.Tensor,
     compact = export.compact_path
     if compact is not None and not Path(compact).is_file():
         failures.append(f"{PARITY}: compact file {compact} reported by export is missing")
-    elif compact is not None and onnx_outs is not None:
-        failures += [f"{PARITY}: {f}" for f in _compact_parity(Path(compact), feed, onnx_outs, atol, rtol, notes)]
+    elif compact is not None and onnx_outs[0] is not None:
+        failures += [f"{PARITY}: {f}" for f in _compact_parity(Path(compact), feeds[0], onnx_outs[0], atol, rtol,
+                                                                 notes)]
 
     if cfg.check_pattern:
         failures += [f"{PATTERN}: {f}" for f in _pattern_failures(
             expectations, matches, model, path.name, cfg.sparsity_tolerance, notes)]
+        failures += [f"{PATTERN}: {f}" for f in _inspect_failures(proto, weights, matches, path.name)]
     return VerifyResult.of(failures, outputs, layers, notes)
+
+
+def _inspect_failures(proto: onnx.ModelProto, weights: list[OnnxWeight],
+                      matches: dict[str, tuple[OnnxWeight, str]], file: str) -> list[str]:
+    """`optg inspect --pattern N:M`'s rule on the file, for the run's N:M pattern (metadata
+    `optg.pattern`): every weight that can carry it holds it unless the file records it as
+    left dense on purpose. What verify accepts, inspect accepts too."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    nm = _nm_or_none(props.get("optg.pattern", ""))
+    if nm is None:
+        return []
+    exempt = dense_exemptions(proto)
+    torch_of = {id(w): name for name, (w, _) in matches.items()}
+    out = []
+    for w in weights:
+        required, _ = must_hold(w, nm[1], exempt)
+        if required and not w.check(*nm).holds:
+            torch_name = torch_of.get(id(w))
+            named = f", torch '{torch_name}'" if torch_name else ""
+            out.append(f"ONNX tensor '{w.name}' (node {w.node}, {w.op}{named}) can carry {nm[0]}:{nm[1]} and does "
+                       f"not hold it, and the run recorded no reason to keep it dense: `optg inspect --pattern "
+                       f"{nm[0]}:{nm[1]} {file}` would fail")
+    return out
 
 
 def _interface_failures(proto: onnx.ModelProto, export: ExportResult) -> list[str]:
@@ -182,50 +242,11 @@ def _short(exc: BaseException, limit: int = 600) -> str:
 # ----------------------------------------------------------------------------- name mapping
 
 
-def _torch_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
-
-
 def match_weights(expectations: list[LayerExpectation], weights: list[OnnxWeight],
                   model: nn.Module, also: Sequence[str] = ()) -> dict[str, tuple[OnnxWeight, str]]:
-    """torch_name -> (ONNX weight, how it was found: name | metadata | scope | order).
-
-    `also` names more PyTorch weights to locate for the report; they take part in the order
-    fallback only after every expectation has had its turn.
-    """
-    shapes = _torch_shapes(model)
-    order = {n: i for i, n in enumerate(shapes)}
-    claimed: set[int] = set()
-    found: dict[str, tuple[OnnxWeight, str]] = {}
-
-    def fits(w: OnnxWeight, name: str) -> bool:
-        want = shapes.get(name)
-        return want is None or tuple(w.torch_layout().shape) == tuple(want)
-
-    def take(name: str, how: str, pred) -> bool:
-        for i, w in enumerate(weights):
-            if i not in claimed and pred(w) and fits(w, name):
-                claimed.add(i)
-                found[name] = (w, how)
-                return True
-        return False
-
-    primary = sorted({e.torch_name for e in expectations}, key=lambda n: order.get(n, len(order)))
-    secondary = [n for n in also if n not in set(primary)]
-    every = primary + secondary
-    for name in every:
-        take(name, "name", lambda w, n=name: w.name == n)
-    for name in every:
-        if name in found:
-            continue
-        flat = name.replace(".", "_")
-        module = name.rsplit(".", 1)[0] if name.endswith(".weight") else None
-        if not take(name, "metadata", lambda w: flat in w.fx_params) and module is not None:
-            take(name, "scope", lambda w: w.scope == module)
-    for name in every:
-        if name not in found and name in shapes:
-            take(name, "order", lambda w: True)
-    return found
+    """torch_name -> (ONNX weight, how it was found): `stages.weight_match.match_weights` on the
+    expectations' names."""
+    return weight_match.match_weights([e.torch_name for e in expectations], weights, model, also)
 
 
 # ----------------------------------------------------------------------------- per-layer checks
@@ -282,7 +303,7 @@ def _value_check(onnx_w: np.ndarray, torch_w: torch.Tensor, dtype: str) -> str:
 
 def _pattern_failures(expectations: list[LayerExpectation], matches: dict[str, tuple[OnnxWeight, str]],
                       model: nn.Module, file: str, tolerance: float, notes: list[str]) -> list[str]:
-    shapes = _torch_shapes(model)
+    shapes = weight_match.torch_shapes(model)
     out: list[str] = []
     for exp in expectations:
         hit = matches.get(exp.torch_name)
@@ -326,13 +347,12 @@ def _make_session(model: str | bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _torch_outputs(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str | None, np.ndarray]]:
+def _torch_outputs(model: nn.Module, inputs: Feed) -> list[tuple[str | None, np.ndarray]]:
     """Reference outputs in fp32, flattened to (name or None, array)."""
     ref = model if all(p.dtype == torch.float32 for p in model.parameters()) \
         else copy.deepcopy(model).float()
     with eval_mode(ref), torch.no_grad():
-        x = inputs.float() if inputs.is_floating_point() else inputs
-        result = ref(x)
+        result = ref(*[x.float() if x.is_floating_point() else x for x in inputs])
     flat: list[tuple[str | None, np.ndarray]] = []
 
     def walk(obj: Any, name: str | None) -> None:
@@ -353,25 +373,30 @@ _ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
-def _run(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
-    """Run over `x`, in chunks when the file's batch dimension is fixed."""
-    meta = session.get_inputs()[0]
-    x = x.astype(_ORT_TO_NP.get(meta.type, x.dtype))
-    batch = meta.shape[0] if meta.shape else None
-    if not isinstance(batch, int) or batch <= 0 or batch == x.shape[0]:
-        return session.run(None, {meta.name: x})
+def _run(session: ort.InferenceSession, feed: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run over the feed (arrays in graph-input order), in chunks when the file's batch
+    dimension is fixed."""
+    metas = session.get_inputs()
+    if len(metas) != len(feed):
+        raise ValueError(f"the file has {len(metas)} input(s) {[m.name for m in metas]}, the model takes "
+                         f"{len(feed)}")
+    xs = [x.astype(_ORT_TO_NP.get(m.type, x.dtype)) for m, x in zip(metas, feed)]
+    n = xs[0].shape[0]
+    batch = metas[0].shape[0] if metas[0].shape else None
+    if not isinstance(batch, int) or batch <= 0 or batch == n:
+        return session.run(None, {m.name: x for m, x in zip(metas, xs)})
     chunks: list[list[np.ndarray]] = []
-    for start in range(0, x.shape[0], batch):
-        part = x[start:start + batch]
-        short = batch - part.shape[0]
+    for start in range(0, n, batch):
+        parts = [x[start:start + batch] for x in xs]
+        short = batch - parts[0].shape[0]
         if short:
-            part = np.concatenate([part, np.repeat(x[:1], short, axis=0)])
-        res = session.run(None, {meta.name: part})
+            parts = [np.concatenate([part, np.repeat(x[:1], short, axis=0)]) for part, x in zip(parts, xs)]
+        res = session.run(None, {m.name: part for m, part in zip(metas, parts)})
         chunks.append([r[: batch - short] for r in res])
     return [np.concatenate(parts) for parts in zip(*chunks)]
 
 
-def _ort_outputs(path: Path, proto: onnx.ModelProto, x: np.ndarray, dtype: str,
+def _ort_outputs(path: Path, proto: onnx.ModelProto, x: Sequence[np.ndarray], dtype: str,
                  notes: list[str]) -> tuple[ort.InferenceSession, list[np.ndarray]]:
     """Run the file; fp16 without a CPU kernel reruns with its weights upcast to fp32."""
     try:
@@ -402,7 +427,7 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: fl
             "worst_index": [int(i) for i in worst]}
 
 
-def _parity(path: Path, proto: onnx.ModelProto, model: nn.Module, feed: torch.Tensor, atol: float,
+def _parity(path: Path, proto: onnx.ModelProto, model: nn.Module, feed: Feed, atol: float,
             rtol: float, dtype: str, notes: list[str]
             ) -> tuple[list[dict], list[str], list[np.ndarray] | None]:
     fails: list[str] = []
@@ -410,13 +435,11 @@ def _parity(path: Path, proto: onnx.ModelProto, model: nn.Module, feed: torch.Te
         reference = _torch_outputs(model, feed)
     except Exception as exc:  # noqa: BLE001
         return [], [f"PyTorch model failed on the verification inputs: {_short(exc)}"], None
-    x = feed.cpu().numpy()
+    x = [t.cpu().numpy() for t in feed]
     try:
         session, got = _ort_outputs(path, proto, x, dtype, notes)
     except Exception as exc:  # noqa: BLE001
         return [], [f"ONNX Runtime cannot run {path.name}: {_short(exc)}"], None
-    if len(session.get_inputs()) != 1:
-        fails.append(f"{path.name} has {len(session.get_inputs())} inputs; the pipeline feeds one")
     names = [o.name for o in session.get_outputs()]
     if len(names) != len(reference):
         fails.append(f"{path.name} has {len(names)} outputs {names}, PyTorch returns {len(reference)}")
@@ -447,14 +470,14 @@ def _parity(path: Path, proto: onnx.ModelProto, model: nn.Module, feed: torch.Te
     return outputs, fails, got
 
 
-def _compact_parity(compact: Path, feed: torch.Tensor, dense: list[np.ndarray], atol: float,
+def _compact_parity(compact: Path, feed: Feed, dense: list[np.ndarray], atol: float,
                     rtol: float, notes: list[str]) -> list[str]:
     """The compact sibling (sparse initializers) must load in ORT and match the dense file."""
     try:
         proto = load_model(compact)
         onnx.checker.check_model(proto)  # full_check cannot type sparse initializers feeding dense ops
         session = _make_session(str(compact))
-        got = _run(session, feed.cpu().numpy())
+        got = _run(session, [t.cpu().numpy() for t in feed])
     except Exception as exc:  # noqa: BLE001
         return [f"compact file {compact.name} does not load/run: {_short(exc)}"]
     fails = []

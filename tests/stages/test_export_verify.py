@@ -317,10 +317,10 @@ def test_torchscript_fallback_static_batch_and_fp16_conversion(tmp_path, monkeyp
 
     real_ts = export_mod._export_torchscript
 
-    def ts_fp32_only(model, example, cfg):
-        if example.dtype == torch.float16:
+    def ts_fp32_only(model, example, cfg, spec):
+        if example[0].dtype == torch.float16:
             raise RuntimeError("simulated: no fp16 tracing")
-        return real_ts(model, example, cfg)
+        return real_ts(model, example, cfg, spec)
 
     monkeypatch.setattr(export_mod, "_export_torchscript", ts_fp32_only)
     res16 = export_onnx(model, x[:1], tmp_path / "h.onnx",
