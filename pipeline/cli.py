@@ -162,9 +162,12 @@ def _run_here(args: argparse.Namespace, cfg, info) -> int:
     if not info.writer:
         return EXIT_OK
     m = manifest.metrics
-    summary = {"status": manifest.status, "run_dir": str(runner.run.path),
-               "dense_accuracy": m.dense_accuracy, "sparse_accuracy": m.sparse_accuracy,
-               "targeted_sparsity": m.targeted_sparsity, "parity_max_abs_error": m.parity_max_abs_error}
+    summary: dict[str, object] = {"status": manifest.status, "run_dir": str(runner.run.path), "task": m.task}
+    if m.metric == "perplexity":
+        summary.update(dense_perplexity=m.dense_perplexity, sparse_perplexity=m.sparse_perplexity)
+    else:
+        summary.update(dense_accuracy=m.dense_accuracy, sparse_accuracy=m.sparse_accuracy)
+    summary.update(targeted_sparsity=m.targeted_sparsity, parity_max_abs_error=m.parity_max_abs_error)
     if not args.quiet:
         print(json.dumps(summary, indent=2))
     return EXIT_OK
@@ -186,6 +189,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.rundir import RunDirConflict
+    from stages.base import StageConfigError
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                "schema": cmd_schema}[args.command]
     try:
         return handler(args)
-    except (ConfigError, RunDirConflict) as exc:
+    except (ConfigError, RunDirConflict, StageConfigError) as exc:
         print(f"optg: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline.tracking_config import TrackingConfig
-from stages.base import StrictModel
+from stages.base import StageError, StrictModel
 from stages.benchmark import BenchmarkConfig
 from stages.data import DataConfig
 from stages.export import ExportConfig
@@ -193,6 +193,8 @@ with warnings.catch_warnings():
         name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
         seed: int = Field(0, ge=0, le=2**32 - 1, description="0 .. 4294967295")
         device: Literal["auto", "cpu", "cuda"] = "auto"
+        task: str = Field("classification", description="classification | sequence_classification | causal_lm | "
+                          "package.module:callable (see stages.tasks)")
         data: DataConfig
         model: ModelConfig
         train: TrainConfig | None = None
@@ -228,24 +230,54 @@ with warnings.catch_warnings():
 
         @model_validator(mode="after")
         def _factories_accept_options(self) -> "PipelineConfig":
-            """The dataset and model names resolve and their options fit the factories' schemas
-            (plugins are imported), so `optg check` catches what would fail at run time."""
+            """The task, dataset and model names resolve, their options fit the factories'
+            schemas (plugins are imported), the data and an hf: model folder fit the task, and
+            `seq_len` fits the model folder's positions, so `optg check` catches what would
+            fail at run time."""
             from stages.data import check_data_config
+            from stages.hf import hf_dir, read_folder
             from stages.model import check_model_config
+            from stages.tasks import resolve_task
 
-            problems = [(f"data.{path}", message) for path, message in check_data_config(self.data)]
-            problems += [(f"model.{path}", message) for path, message in check_model_config(self.model)]
+            try:
+                task = resolve_task(self.task)
+            except StageError as exc:
+                raise KeyedProblems([("task", str(exc))]) from None
+            problems = [(f"data.{path}", message) for path, message in
+                        check_data_config(self.data, task.text_layout, task.name)]
+            problems += [(f"model.{path}", message) for path, message in
+                         check_model_config(self.model, task.name, task.hf_auto_class)]
+            folder = hf_dir(self.model.name)
+            seq_len = self.data.options.get("seq_len")
+            if folder is not None and isinstance(seq_len, int) and not problems:
+                positions = read_folder(folder).max_positions
+                if positions is not None and seq_len > positions:
+                    problems.append(("data.options.seq_len", f"{seq_len} is over the model's "
+                                     f"max_position_embeddings={positions} ({folder / 'config.json'})"))
+            if task.text_layout is not None and not problems:
+                problems += _tokenizer_problems(self.data, folder)
+            if self.structured is not None and task.name != "classification":
+                problems.append(("structured", f"structured (channel) pruning serves task 'classification'; "
+                                 f"task {task.name!r} is made sparse by `sparsity:` alone"))
             if problems:
                 raise KeyedProblems(problems)
             return self
 
+        @property
+        def has_reference(self) -> bool:
+            """A dense reference exists: a dense phase, or a model built with trained weights."""
+            from stages.model import starts_trained
+
+            return self.train is not None or starts_trained(self.model)
+
         @model_validator(mode="after")
         def _cross_checks(self) -> "PipelineConfig":
-            has_reference = self.train is not None or self.model.weights is not None
-            errors = []
-            if self.validate.max_accuracy_drop is not None and not has_reference:
-                errors.append("validate.max_accuracy_drop needs a dense reference: add a `train` (dense) "
-                              "phase or `model.weights`, or gate on validate.min_accuracy instead")
+            from stages.tasks import resolve_task
+            from stages.validate import gate_problems
+
+            has_reference = self.has_reference
+            task = resolve_task(self.task)  # resolvable: the validator above ran first
+            errors = gate_problems(self.validate, task.metric, task.name, has_reference)
             if self.sparsity.method == "oneshot" and not has_reference:
                 errors.append("sparsity.method 'oneshot' prunes a trained model: add a `train` phase or "
                               "`model.weights`")
@@ -401,7 +433,37 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
                            f"got a {type(raw).__name__}"], source)
     raw = apply_overrides(raw, overrides or [])
     set_plugin_dirs([path.parent, Path.cwd()])  # `module:callable` plugins next to the config
-    return validate_config(raw, source)
+    return validate_config(resolve_config_paths(raw, path.parent), source)
+
+
+def _tokenizer_problems(data: DataConfig, folder: Path | None) -> list[tuple[str, str]]:
+    """Where a text source's tokenizer would come from, and why it cannot (the data stage
+    reads the same place: `stages.data.text.find_tokenizer`)."""
+    from stages.data.text import TextContext, find_tokenizer
+
+    try:
+        find_tokenizer(data, TextContext(layout="blocks", model_dir=folder))
+    except StageError as exc:
+        return [("data.options.tokenizer", str(exc))]
+    return []
+
+
+def resolve_config_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Paths the README defines relative to the config file, made absolute: `model.name:
+    hf:<dir>` and `data.options.tokenizer`. The resolved config (and its hash) then names the
+    folder it used wherever it is reloaded from (the run directory's config.yaml)."""
+    model, data = raw.get("model"), raw.get("data")
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"].startswith("hf:"):
+        model["name"] = "hf:" + str(_absolute(model["name"][3:], base))
+    options = data.get("options") if isinstance(data, dict) else None
+    if isinstance(options, dict) and isinstance(options.get("tokenizer"), str):
+        options["tokenizer"] = str(_absolute(options["tokenizer"], base))
+    return raw
+
+
+def _absolute(text: str, base: Path) -> Path:
+    path = Path(text.strip()).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:

@@ -7,7 +7,9 @@ are written.
 
 Schema versions: 1 (first release); 2 adds `metrics.layers[].parameter` and the export record's
 `file`, `compact_file`, `inputs` and `outputs`; 3 adds the top-level `method`, `pattern`,
-`target`, `environment` and `deployment`; 4 adds `sparsity` (the settings in force). A
+`target`, `environment` and `deployment`; 4 adds `sparsity` (the settings in force); 5 adds
+`metrics.task`/`metrics.metric`, the perplexity metrics, `metrics.data.tokenizer` and
+`deployment.tokenizer`, and history rows name the task's metric (`val_perplexity`). A
 version-1 manifest still loads (to resume a run made by the older release): its layer rows get
 the only parameter name version 1 could sparsify, `<module>.weight`, and its export record the
 file names version 1 wrote.
@@ -20,15 +22,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch as _torch
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from stages.bake import BakedLayer
 from stages.export import ExportResult
 from stages.train import EpochRecord
 from stages.verify import VerifyResult
 
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 Status = Literal["running", "succeeded", "gate_failed", "failed", "interrupted"]
 
@@ -68,11 +79,12 @@ class Rerun(_Record):
     reason: str
 
 
-class DataSummary(_Record):
+class DataSummary(_Growing):
     name: str
     input_shape: list[int]
-    num_classes: int
+    num_classes: int  # classes; for a causal LM the vocabulary size
     sizes: dict[str, int]
+    tokenizer: dict[str, Any] | None = None  # token data: files, vocab_size, pad_id, eos_id
 
 
 class DistributedRecord(_Record):
@@ -84,15 +96,20 @@ class DistributedRecord(_Record):
 
 
 class Metrics(_Growing):
+    task: str | None = None  # the run's task (classification, causal_lm, ...)
+    metric: str | None = None  # its metric (accuracy, perplexity)
     data: DataSummary | None = None
     macs: int | None = None
     params: int | None = None
     dense_accuracy: float | None = None
+    dense_perplexity: float | None = None
     targeted_sparsity: float | None = None
     model_sparsity: float | None = None
     layers: list[BakedLayer] = Field(default_factory=list)
     sparse_accuracy: float | None = None
     accuracy_drop: float | None = None
+    sparse_perplexity: float | None = None
+    perplexity_increase: float | None = None  # relative: sparse / dense - 1
     nonzero_params: int | None = None
     parity_max_abs_error: float | None = None
     latency: dict[str, Any] | None = None  # stages.benchmark.LatencyResult.to_dict()
@@ -169,6 +186,7 @@ class Deployment(_Record):
     outputs: list[TensorSpec]
     class_names: list[str] | None = None
     preprocessing: dict[str, Any] | None = None
+    tokenizer: list[str] | None = None  # the tokenizer files in the run directory that feed `input_ids`
 
 
 class ErrorRecord(_Growing):
@@ -199,7 +217,7 @@ class Manifest(_Growing):
     metrics: Metrics = Field(default_factory=Metrics)
     structured: dict[str, Any] | None = None  # stages.structured.StructuredResult.to_dict()
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
-    history: list[EpochRecord] = Field(default_factory=list)
+    history: list[EpochRecord] = Field(default_factory=list)  # rows as EpochRecord.to_dict()
     export: ExportRecord | None = None
     deployment: Deployment | None = None
     verify: VerifyResult | None = None
@@ -224,8 +242,8 @@ class Manifest(_Growing):
         version = data.get("schema", data.get("schema_version"))
         if version not in READABLE_VERSIONS:
             raise ValueError(f"manifest schema {version!r} is not one this release reads {READABLE_VERSIONS}")
-        if version in (2, 3):
-            data = dict(data, schema=SCHEMA_VERSION)  # 3 and 4 only add keys
+        if version in (2, 3, 4):
+            data = dict(data, schema=SCHEMA_VERSION)  # 3, 4 and 5 only add keys
         if version == 1:
             data = dict(data, schema=SCHEMA_VERSION)
             metrics = data.get("metrics")
@@ -236,6 +254,17 @@ class Manifest(_Growing):
             if isinstance(data.get("export"), dict) and data.get("artifacts", {}).get("model.compact.onnx"):
                 data["export"] = dict(data["export"], compact_file="model.compact.onnx")
         return data
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _history_rows(cls, value: Any) -> Any:
+        """Rows name the metric (`val_accuracy`, `val_perplexity`): back to EpochRecords."""
+        return [EpochRecord.from_dict(row) if isinstance(row, dict) else row for row in value] \
+            if isinstance(value, list) else value
+
+    @field_serializer("history")
+    def _history_json(self, history: list[EpochRecord]) -> list[dict[str, Any]]:
+        return [row.to_dict() for row in history]
 
     def unset(self, name: str) -> None:
         """Drop a section from the JSON again (a resumed run's old `error`)."""

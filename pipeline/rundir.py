@@ -7,7 +7,6 @@ config hash.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import datetime as dt
 import io
 import json
@@ -269,12 +268,14 @@ class RunDir:
         """`metrics.csv`: one row per finished epoch (the manifest's history), for following a run."""
         if not self.writer:
             return
-        fields = ["phase", "epoch", "train_loss", "train_accuracy", "val_accuracy", "sparsity", "lr", "seconds"]
+        history = self.manifest.history
+        metric = self.manifest.metrics.metric or (history[0].metric if history else "accuracy")
+        fields = ["phase", "epoch", "train_loss", f"train_{metric}", f"val_{metric}", "sparsity", "lr", "seconds"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        for record in self.manifest.history:
-            writer.writerow(dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record))
+        for record in history:
+            writer.writerow(record.to_dict())
         path = atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
         stage, self.current_stage = self.current_stage, None
         try:

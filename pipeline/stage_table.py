@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import optg
@@ -30,16 +29,18 @@ from pipeline.manifest import DataSummary, Deployment, ExportRecord, Manifest
 from pipeline.rundir import RunDir
 from stages import bake as bake_stage
 from stages import benchmark as benchmark_stage
+from stages import hf as hf_stage
 from stages import report as report_stage
 from stages import sparsify as sparsify_stage
 from stages import structured as structured_stage
 from stages import validate as validate_stage
 from stages import verify as verify_stage
-from stages.base import StageError
-from stages.data import DataBundle, load_data
+from stages.base import StageConfigError, StageError
+from stages.data import DataBundle, TextContext, load_data
 from stages.export import export_onnx
-from stages.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from stages.io import atomic_torch_save, atomic_write, atomic_write_json, safe_torch_load
 from stages.model import build_model
+from stages.tasks import Task, export_view, resolve_task
 from stages.train import EpochRecord, StepHook, TrainConfig, Trainer, evaluate
 
 DEBUG_SIGNAL_ENV = "OPTG_DEBUG_SIGNAL_AT"
@@ -60,6 +61,14 @@ class RunContext:
     bundle_: DataBundle | None = None
     model_: nn.Module | None = None
     sparsifier_: optg.Sparsifier | None = None
+    task_: Task | None = None
+
+    @property
+    def task(self) -> Task:
+        """The run's task (`task:`), resolved once."""
+        if self.task_ is None:
+            self.task_ = resolve_task(self.cfg.task)
+        return self.task_
 
     @property
     def bundle(self) -> DataBundle:
@@ -84,9 +93,9 @@ class RunContext:
         return bool(broadcast_object(path.exists() if self.dist.writer else None, self.dist))
 
     def evaluate(self, split: str) -> float | None:
-        """Accuracy on `split`, each rank counting its shard, summed over the ranks."""
+        """The task's metric on `split`, each rank counting its shard, summed over the ranks."""
         return evaluate(self.model, self.bundle, split, self.device, self.cfg.data.eval_batch_size,
-                        rank=self.dist.rank, world_size=self.dist.world_size)
+                        rank=self.dist.rank, world_size=self.dist.world_size, task=self.task)
 
 
 def _always(cfg: PipelineConfig) -> bool:
@@ -133,30 +142,64 @@ class Stage:
 # --------------------------------------------------------------------------- adapters
 
 
+def _text_context(ctx: RunContext) -> TextContext | None:
+    """What a token task's text source needs besides `data:`: the layout, and the hf: model
+    folder (its tokenizer is the default; its config's num_labels and positions bound the data)."""
+    layout = ctx.task.text_layout
+    if layout is None:
+        return None
+    folder = hf_stage.hf_dir(ctx.cfg.model.name)
+    facts = hf_stage.read_folder(folder) if folder is not None else None
+    return TextContext(layout, folder, facts.num_labels if facts else None, facts.max_positions if facts else None)
+
+
 def run_data(ctx: RunContext) -> None:
-    bundle = ctx.bundle_ = load_data(ctx.cfg.data, ctx.cfg.seed)
-    ctx.run.manifest.metrics.data = DataSummary(
+    bundle = ctx.bundle_ = load_data(ctx.cfg.data, ctx.cfg.seed, _text_context(ctx))
+    metrics = ctx.run.manifest.metrics
+    metrics.task, metrics.metric = ctx.task.name, ctx.task.metric.name
+    summary = DataSummary(
         name=bundle.name, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes,
         sizes={s: len(bundle.split(s)) for s in ("train", "val", "test")})  # type: ignore[arg-type]
+    if bundle.tokenizer is not None:
+        summary.tokenizer = bundle.tokenizer.describe()
+    metrics.data = summary
 
 
 def run_model(ctx: RunContext) -> None:
     torch.manual_seed(ctx.cfg.seed)
-    ctx.model_ = build_model(ctx.cfg.model, ctx.bundle.input_shape, ctx.bundle.num_classes).to(ctx.device)
-    example = ctx.bundle.tensors("val", limit=1)[0].to(ctx.device)
+    bundle, task = ctx.bundle, ctx.task
+    pad = bundle.tokenizer.pad_id if bundle.tokenizer is not None else None
+    try:
+        ctx.model_ = build_model(ctx.cfg.model, bundle.input_shape, bundle.num_classes, task, pad).to(ctx.device)
+    except StageConfigError as exc:
+        raise ConfigError([f"model: {exc}"], str(ctx.cfg.name)) from None
+    _check_vocabulary(ctx)
+    example = task.to_device(bundle.batch("val", 1), ctx.device)
     metrics = ctx.run.manifest.metrics
-    metrics.macs, metrics.params = report_stage.count_macs_and_params(ctx.model, example)
+    with export_view(ctx.model, task) as view:  # positional inputs, whatever the model's keywords
+        metrics.macs, metrics.params = report_stage.count_macs_and_params(view, task.inputs(example))
     try:  # plan the target layers now: a config that sparsifies nothing fails before training
         sparsify_stage.plan(ctx.model, ctx.cfg.sparsity)
     except ValueError as exc:
         raise ConfigError([f"sparsity: {exc}"], str(ctx.cfg.name)) from None
 
 
+def _check_vocabulary(ctx: RunContext) -> None:
+    """Token data whose ids the model's embedding cannot look up fails here, not mid-training."""
+    top = ctx.bundle.max_token_id
+    embeddings = getattr(ctx.model, "get_input_embeddings", None)
+    table = embeddings() if callable(embeddings) else None
+    if top is not None and isinstance(table, nn.Embedding) and top >= table.num_embeddings:
+        raise ConfigError([f"data: the tokenizer gives token id {top}, the model's embedding has "
+                           f"{table.num_embeddings} rows (vocab_size); use the model's own tokenizer"],
+                          str(ctx.cfg.name))
+
+
 def _trainer(ctx: RunContext, phase: str, cfg: TrainConfig, sparsifier: optg.Sparsifier | None = None) -> Trainer:
     return Trainer(ctx.model, ctx.bundle, cfg, phase=phase, device=ctx.device, seed=ctx.cfg.seed,
                    batch_size=ctx.cfg.data.batch_size, eval_batch_size=ctx.cfg.data.eval_batch_size,
                    sparsifier=sparsifier, progress=ctx.progress, log=ctx.log, on_step=ctx.on_step,
-                   rank=ctx.dist.rank, world_size=ctx.dist.world_size)
+                   rank=ctx.dist.rank, world_size=ctx.dist.world_size, task=ctx.task)
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict:
@@ -197,10 +240,10 @@ def restore_dense(ctx: RunContext) -> None:
 
 
 def run_reference(ctx: RunContext) -> None:
-    accuracy = ctx.evaluate("test")
-    ctx.run.manifest.metrics.dense_accuracy = accuracy
-    ctx.log(f"[reference] dense test accuracy {accuracy:.4f}" if accuracy is not None
-            else "[reference] empty test split: no dense accuracy")
+    value, metric = ctx.evaluate("test"), ctx.task.metric
+    setattr(ctx.run.manifest.metrics, f"dense_{metric.gates}", value)
+    ctx.log(f"[reference] dense test {metric.name} {value:.4f}" if value is not None
+            else f"[reference] empty test split: no dense {metric.name}")
 
 
 def run_sparsify(ctx: RunContext) -> None:
@@ -209,7 +252,7 @@ def run_sparsify(ctx: RunContext) -> None:
     cfg, data = ctx.cfg.sparsity, ctx.cfg.data
     steps = len(ctx.bundle.loader("train", data.batch_size, shuffle=True, rank=ctx.dist.rank,
                                   world_size=ctx.dist.world_size))
-    from_trained = ctx.cfg.train is not None or ctx.cfg.model.weights is not None
+    from_trained = ctx.cfg.has_reference
     sparsifier = ctx.sparsifier_ = sparsify_stage.build_sparsifier(
         ctx.model, cfg, steps_per_epoch=steps, seed=ctx.cfg.seed, from_trained=from_trained)
     settings = ctx.run.manifest.sparsity = sparsify_stage.settings_in_force(sparsifier, cfg, from_trained)
@@ -219,7 +262,8 @@ def run_sparsify(ctx: RunContext) -> None:
     trainer = _trainer(ctx, "sparse", cfg, sparsifier)
     if not ctx.on_disk(checkpoint):
         sparsify_stage.calibrate_if_needed(
-            sparsifier, ctx.bundle.loader("train", data.batch_size, shuffle=True, seed=ctx.cfg.seed), cfg, ctx.device)
+            sparsifier, ctx.bundle.loader("train", data.batch_size, shuffle=True, seed=ctx.cfg.seed), cfg, ctx.device,
+            ctx.task)
     _run_phase(ctx, trainer, checkpoint)
 
 
@@ -236,31 +280,88 @@ def run_bake(ctx: RunContext) -> None:
 
 
 def restore_baked(ctx: RunContext) -> None:
-    ctx.model.load_state_dict(load_file(str(ctx.run.path / "model.safetensors"), device=str(ctx.device)))
+    bake_stage.load_safetensors(ctx.model, ctx.run.path / "model.safetensors", device=str(ctx.device))
 
 
 def run_validate(ctx: RunContext) -> None:
-    sparse = ctx.evaluate("test")
+    sparse, metric = ctx.evaluate("test"), ctx.task.metric
     if sparse is None:
         raise StageError("the test split is empty: nothing to validate on (lower data.val_fraction or add data)")
     metrics = ctx.run.manifest.metrics
-    result = validate_stage.validate(sparse, metrics.dense_accuracy, ctx.cfg.validate)
-    metrics.sparse_accuracy, metrics.accuracy_drop = sparse, result.accuracy_drop
+    dense = getattr(metrics, f"dense_{metric.gates}")
+    result = validate_stage.validate(sparse, dense, ctx.cfg.validate, metric)
+    if metric.gates == "perplexity":
+        metrics.sparse_perplexity, metrics.perplexity_increase = sparse, result.change
+        change = f", +{result.change * 100:.2f}%" if result.change is not None else ""
+    else:
+        metrics.sparse_accuracy, metrics.accuracy_drop = sparse, result.change
+        change = f", drop {result.change * 100:.2f} points" if result.change is not None else ""
     metrics.nonzero_params = report_stage.nonzero_params(ctx.model)
-    ctx.log(f"[validate] sparse test accuracy {sparse:.4f}"
-            + (f", drop {result.accuracy_drop * 100:.2f} points" if result.accuracy_drop is not None else ""))
+    ctx.log(f"[validate] sparse test {metric.name} {sparse:.4f}{change}")
     validate_stage.raise_on_failure(result)
 
 
-def _onnx_inputs(ctx: RunContext) -> torch.Tensor:
-    return ctx.bundle.tensors("val", limit=ctx.cfg.verify.num_samples)[0]
+def _example(ctx: RunContext, limit: int) -> list[torch.Tensor]:
+    """The model's inputs on the first `limit` validation samples, on the CPU (export traces
+    with 2, verify compares `verify.num_samples`)."""
+    return ctx.task.inputs(ctx.bundle.batch("val", limit))
+
+
+def _export_interface(ctx: RunContext, example: list[torch.Tensor]) -> tuple[list[str], list[dict[int, str]]]:
+    specs = ctx.task.input_specs(example, ctx.cfg.export.input_name)
+    return [s.name for s in specs], [s.dynamic_axes for s in specs]
+
+
+def _feeds(ctx: RunContext) -> list[list[torch.Tensor]]:
+    """What verify compares: real validation samples; a token model at two sequence lengths
+    (the batch's own and about half of it), so a sequence axis fixed by the exporter is caught."""
+    batch = ctx.bundle.batch("val", ctx.cfg.verify.num_samples)
+    task = ctx.task
+    feeds = [task.inputs(batch)]
+    if task.text_layout is not None:
+        length = int(feeds[0][0].shape[1])
+        shorter = max(2, (length + 1) // 2)
+        if shorter < length:
+            feeds.append(task.inputs(task.shorten(batch, shorter)))
+    return feeds
+
+
+def _copy_tokenizer(ctx: RunContext) -> list[str]:
+    """The tokenizer files beside model.onnx (hashed artifacts): the run directory alone serves."""
+    info = ctx.bundle.tokenizer
+    if info is None:
+        return []
+    names = []
+    for source in info.files:
+        data = Path(source).read_bytes()
+
+        def write(tmp: Path, data: bytes = data) -> None:
+            Path(tmp).write_bytes(data)
+
+        path = atomic_write(ctx.run.path / source.name, write)
+        ctx.run.add_artifact(source.name, path)
+        names.append(source.name)
+    return names
+
+
+def _dense_weights(ctx: RunContext) -> dict[str, str]:
+    """The weights this run left dense on purpose (tied, output head, excluded...), with the
+    reason: the file records them so `optg inspect --pattern` on it agrees with the run."""
+    dense = {layer.parameter: layer.reason for layer in ctx.run.manifest.metrics.layers
+             if layer.pattern == "dense" and layer.reason}
+    by_id = {id(p): n for n, p in ctx.model.named_parameters()}  # first name of each tensor
+    for alias, param in ctx.model.named_parameters(remove_duplicate=False):  # a tied head's own name too
+        first = by_id.get(id(param))
+        if first in dense and alias not in dense:
+            dense[alias] = dense[first]
+    return dense
 
 
 def run_export(ctx: RunContext) -> None:
     s, manifest = ctx.cfg.sparsity, ctx.run.manifest
     target = s.as_pattern.target
     metadata = {"optg.config_hash": manifest.config_hash, "optg.method": s.method, "optg.pattern": str(s.pattern),
-                "optg.target": str(target),
+                "optg.target": str(target), "optg.task": ctx.task.name,
                 "optg.targeted_sparsity": f"{manifest.metrics.targeted_sparsity or 0:.6f}",
                 "optg.version": manifest.versions["optg-pipeline"]}
     bundle = ctx.bundle
@@ -268,10 +369,18 @@ def run_export(ctx: RunContext) -> None:
         metadata["optg.class_names"] = json.dumps(bundle.class_names)
     if bundle.preprocessing is not None:
         metadata["optg.preprocessing"] = json.dumps(bundle.preprocessing)
+    tokenizer = _copy_tokenizer(ctx)
+    if tokenizer:
+        metadata["optg.tokenizer"] = json.dumps(tokenizer)
     ctx.model.eval().cpu()
-    result = export_onnx(ctx.model, _onnx_inputs(ctx)[:2], ctx.run.path / "model.onnx", ctx.cfg.export, metadata)
+    example = _example(ctx, 2)
+    names, axes = _export_interface(ctx, example)
+    with export_view(ctx.model, ctx.task) as view:
+        result = export_onnx(view, example, ctx.run.path / "model.onnx", ctx.cfg.export, metadata,
+                             input_names=names, dynamic_axes=axes, dense_weights=_dense_weights(ctx))
     manifest.deployment = Deployment(inputs=result.inputs, outputs=result.outputs,  # type: ignore[arg-type]
-                                     class_names=bundle.class_names, preprocessing=bundle.preprocessing)
+                                     class_names=bundle.class_names, preprocessing=bundle.preprocessing,
+                                     tokenizer=tokenizer or None)
     ctx.run.add_artifact("model.onnx", result.path)
     if result.compact_path is not None:
         ctx.run.add_artifact("model.compact.onnx", result.compact_path)
@@ -289,8 +398,9 @@ def run_verify(ctx: RunContext) -> None:
     ctx.model.eval().cpu()
     expectations = [verify_stage.LayerExpectation(layer.parameter, layer.pattern, layer.sparsity)
                     for layer in manifest.metrics.layers]
-    result = verify_stage.verify_onnx(manifest.export.result(ctx.run.path), ctx.model, _onnx_inputs(ctx),
-                                      expectations, ctx.cfg.verify)
+    with export_view(ctx.model, ctx.task) as view:
+        result = verify_stage.verify_onnx(manifest.export.result(ctx.run.path), view, _feeds(ctx),
+                                          expectations, ctx.cfg.verify)
     manifest.verify = result
     manifest.metrics.parity_max_abs_error = result.parity_max_abs_error
     verify_stage.raise_on_failure(result)
@@ -301,7 +411,11 @@ def run_reference_onnx(ctx: RunContext) -> None:
     structured pruning and sparse training) exported exactly like the final model."""
     model = copy.deepcopy(ctx.model).cpu().eval()
     cfg = ctx.cfg.export.model_copy(update={"compact": False})
-    path = benchmark_stage.export_reference(model, _onnx_inputs(ctx)[:2], ctx.run.path / "reference.onnx", cfg)
+    example = _example(ctx, 2)
+    names, axes = _export_interface(ctx, example)
+    with export_view(model, ctx.task) as view:
+        path = benchmark_stage.export_reference(view, example, ctx.run.path / "reference.onnx", cfg,
+                                                input_names=names, dynamic_axes=axes)
     ctx.run.add_artifact("reference.onnx", path)
 
 
@@ -387,11 +501,18 @@ def run_benchmark(ctx: RunContext) -> None:
     manifest = ctx.run.manifest
     if manifest.export is None:
         raise StageError("benchmark needs the export stage's result, and the manifest has none")
+    bundle, cfg = ctx.bundle, ctx.cfg.benchmark
+    tokens = None
+    if ctx.task.text_layout is not None:
+        vocab = bundle.tokenizer.vocab_size if bundle.tokenizer is not None else bundle.num_classes
+        tokens = benchmark_stage.TokenInputs(min(vocab, (bundle.max_token_id or vocab - 1) + 1),
+                                             cfg.sequence_lengths or [int(bundle.input_shape[0])])
     result = benchmark_stage.measure_latency(ctx.run.path / "reference.onnx", ctx.run.path / manifest.export.file,
-                                             ctx.bundle.input_shape, ctx.cfg.benchmark)
+                                             bundle.input_shape, cfg, tokens)
     manifest.metrics.latency = result.to_dict()
     for row in result.rows:
-        ctx.log(f"[benchmark] {row.provider} batch {row.batch_size}: reference {row.reference_ms:.3f} ms, "
+        at = f" sequence {row.sequence_length}" if row.sequence_length is not None else ""
+        ctx.log(f"[benchmark] {row.provider} batch {row.batch_size}{at}: reference {row.reference_ms:.3f} ms, "
                 f"final {row.candidate_ms:.3f} ms, ratio {row.ratio:.3f} ({result.threads} thread(s))")
     validate_stage.check_latency(result.max_ratio(), ctx.cfg.validate)
 
@@ -399,13 +520,16 @@ def run_benchmark(ctx: RunContext) -> None:
 def report_input(ctx: RunContext) -> report_stage.ReportInput:
     """The report's typed input, from the manifest and the sparsity config."""
     m, s = ctx.run.manifest, ctx.cfg.sparsity
-    shown = ("dense_accuracy", "sparse_accuracy", "accuracy_drop", "targeted_sparsity", "model_sparsity",
-             "params", "nonzero_params", "macs", "parity_max_abs_error")
+    shown = ("dense_accuracy", "sparse_accuracy", "accuracy_drop", "dense_perplexity", "sparse_perplexity",
+             "perplexity_increase", "targeted_sparsity", "model_sparsity", "params", "nonzero_params", "macs",
+             "parity_max_abs_error")
     return report_stage.ReportInput(
         name=m.name, status=m.status, failed_gate=m.error.gate if m.error else None,
         error=m.error.message if m.error else None, method=s.method, pattern=s.pattern, target=s.target,
         config_hash=m.config_hash, **{k: getattr(m.metrics, k) for k in shown},
-        max_accuracy_drop=ctx.cfg.validate.max_accuracy_drop, min_accuracy=ctx.cfg.validate.min_accuracy,
+        metric=ctx.task.metric.name, max_accuracy_drop=ctx.cfg.validate.max_accuracy_drop,
+        min_accuracy=ctx.cfg.validate.min_accuracy, max_perplexity_increase=ctx.cfg.validate.max_perplexity_increase,
+        max_perplexity=ctx.cfg.validate.max_perplexity,
         stages=[report_stage.StageRow(name=k, status=v.status, seconds=v.seconds) for k, v in m.stages.items()],
         layers=m.metrics.layers, onnx_layers=m.verify.layers if m.verify else [],
         artifacts=[report_stage.ArtifactRow(**a.model_dump()) for a in m.artifacts.values()],
@@ -434,7 +558,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("model", run_model, rerun=True, inputs=("model",)),
     Stage("train", run_dense, enabled=lambda c: c.train is not None, restore=restore_dense, state="weights",
           section="train", inputs=("train",)),
-    Stage("reference", run_reference, enabled=lambda c: c.train is not None or c.model.weights is not None),
+    Stage("reference", run_reference, enabled=lambda c: c.has_reference),
     Stage("reference_onnx", run_reference_onnx, enabled=lambda c: c.benchmark_active, section="export",
           all_ranks=False),
     Stage("structured", run_structured, enabled=lambda c: c.structured is not None, restore=restore_structured,

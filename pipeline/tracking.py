@@ -22,7 +22,6 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,7 @@ def numeric_items(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, flo
 def record_metrics(record: Any) -> dict[str, float]:
     """An epoch record (stages.train.EpochRecord or a dict of it) as metrics: its numeric
     fields except the epoch index (the step) itself."""
-    fields = asdict(record) if is_dataclass(record) and not isinstance(record, type) else dict(record)
+    fields = record.to_dict() if hasattr(record, "to_dict") else dict(record)
     fields.pop("epoch", None)
     return numeric_items(fields)
 

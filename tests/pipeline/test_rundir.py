@@ -20,7 +20,7 @@ def test_new_run_directory_has_the_start_manifest(tmp_path):
     assert run.open("tiny", "h" * 64, force=False) is False
     data = _json(run)
     assert list(data) == START_KEYS
-    assert data["schema"] == SCHEMA_VERSION == 4
+    assert data["schema"] == SCHEMA_VERSION == 5
     assert (data["name"], data["status"], data["resumed"]) == ("tiny", "running", 0)
     assert data["stages"] == {} and data["metrics"] == {} and data["artifacts"] == {} and data["history"] == []
     assert set(data["versions"]) == {"python", "torch", "onnx", "onnxruntime", "optg-pipeline"}
@@ -126,9 +126,9 @@ def test_schema_1_manifest_loads_with_parameter_names_and_export_files():
            "history": [], "export": {"exporter": "dynamo", "seconds": 1.0, "bytes": 10, "warnings": [], "opset": 18,
                                      "dtype": "fp32", "compact_bytes": 1}}
     m = Manifest.model_validate(old)
-    assert m.schema_version == 4 and m.metrics.layers[0].parameter == "features.0.weight"
+    assert m.schema_version == 5 and m.metrics.layers[0].parameter == "features.0.weight"
     assert (m.export.file, m.export.compact_file) == ("model.onnx", "model.compact.onnx")
-    assert m.to_json()["schema"] == 4
+    assert m.to_json()["schema"] == 5
 
 
 def test_manifest_json_round_trips():

@@ -78,7 +78,7 @@ def resolved(tracking: dict | None = None, **top) -> dict:
 
 
 def epoch(phase: str, index: int, loss: float, val: float | None = 0.5) -> EpochRecord:
-    return EpochRecord(phase=phase, epoch=index, train_loss=loss, train_accuracy=0.25 * index, val_accuracy=val,
+    return EpochRecord(phase=phase, epoch=index, train_loss=loss, train_metric=0.25 * index, val_metric=val,
                        sparsity=0.5 if phase == "sparse" else 0.0, lr=0.1 / (index + 1), seconds=0.01)
 
 
