@@ -24,6 +24,7 @@ from torch import nn
 from optg import masking
 from optg.registry import Registry
 from optg.targets import LayerPlan
+from optg.weights import get_path
 
 if TYPE_CHECKING:
     from optg.spec import SparsitySpec
@@ -35,12 +36,19 @@ class LayerState:
 
     def __init__(self, plan: LayerPlan, module: nn.Module, rule: ForwardRule,
                  scores: torch.Tensor | None) -> None:
+        """`module`: the plan's owner (whose forward reads the weight at `plan.path`). The
+        mask is bool: a quarter of an fp32 mask's bytes, and `w * m` promotes it for free."""
         self.plan, self.module, self.rule, self.scores = plan, module, rule, scores
-        self.mask = torch.ones_like(masking.weight_of(module), requires_grad=False)
+        self.mask = torch.ones_like(self.weight, dtype=torch.bool, requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        return masking.weight_of(self.module)
+        """The Parameter itself (outside the owner's forward, where the masked value stands in)."""
+        weight = get_path(self.module, self.plan.path)
+        if weight is None:
+            raise RuntimeError(f"layer {self.plan.name}: {type(self.module).__name__} has no parameter "
+                               f"{self.plan.path!r}")
+        return weight
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses (called by the installed forward override)."""
@@ -118,7 +126,7 @@ class SRSTE:
         return cls(decay=spec.srste_decay)
 
     def weight(self, layer: LayerState) -> torch.Tensor:
-        return masking.srste_masked(layer.weight, layer.plan.n, layer.plan.m, self.decay)
+        return masking.srste_masked(layer.weight, layer.plan.n, layer.plan.m, self.decay, layer.plan.axis)
 
     def keep_mask(self, layer: LayerState) -> torch.Tensor:
-        return masking.nm_magnitude_mask(layer.weight, layer.plan.n, layer.plan.m)
+        return masking.nm_magnitude_mask(layer.weight, layer.plan.n, layer.plan.m, layer.plan.axis)

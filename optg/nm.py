@@ -18,21 +18,22 @@ def format_nm(n: int, m: int) -> str:
     return f"{n}:{m}"
 
 
-def to_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """View a Linear [out, in] or ConvNd [K, C, *kernel] weight as [-1, m] groups along dim 1.
+def to_groups(weight: torch.Tensor, m: int, axis: int = 1) -> torch.Tensor:
+    """View a weight as [-1, m] groups of M consecutive elements along its reduction `axis`
+    (1: a Linear [out, in] or ConvNd [K, C, *kernel]; 0: a transformers Conv1D [in, out]).
 
-    Moves the reduction axis (dim 1) last, so each row of the result is M consecutive input
-    channels at one (output channel, kernel position). Requires weight.shape[1] % m == 0.
+    Moves the reduction axis last, so each row of the result is M consecutive input features
+    at one (output channel, kernel position). Requires weight.shape[axis] % m == 0.
     """
     if weight.dim() < 2:
         raise ValueError(f"N:M needs a weight of rank >= 2, got shape {tuple(weight.shape)}")
-    if weight.shape[1] % m:
-        raise ValueError(f"reduction axis of size {weight.shape[1]} is not divisible by M={m}")
-    moved = weight.movedim(1, -1)  # [K, *kernel, C]
-    return moved.reshape(-1, m)
+    if weight.shape[axis] % m:
+        raise ValueError(f"reduction axis {axis} of size {weight.shape[axis]} is not divisible by M={m}")
+    return weight.movedim(axis, -1).reshape(-1, m)
 
 
-def from_groups(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def from_groups(groups: torch.Tensor, like: torch.Tensor, axis: int = 1) -> torch.Tensor:
     """Inverse of `to_groups`: a [-1, m] tensor back to the layout of `like`."""
-    moved_shape = (like.shape[0], *like.shape[2:], like.shape[1])
-    return groups.reshape(moved_shape).movedim(-1, 1).contiguous()
+    moved_shape = list(like.shape)
+    moved_shape.append(moved_shape.pop(axis))
+    return groups.reshape(moved_shape).movedim(-1, axis).contiguous()

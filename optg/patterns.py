@@ -94,10 +94,10 @@ def layerwise_masks(plans: Sequence[LayerPlan], scores: Sequence[torch.Tensor],
     return masks
 
 
-def nm_candidates(scores: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group of M along the reduction axis: the scores of its M-N weakest entries and
+def nm_candidates(scores: torch.Tensor, n: int, m: int, axis: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of M along the reduction `axis`: the scores of its M-N weakest entries and
     their positions in the group (ties broken by topk, deterministically)."""
-    groups = to_groups(scores.detach(), m)
+    groups = to_groups(scores.detach(), m, axis)
     weakest = groups.topk(m - n, dim=1, largest=False)
     return weakest.values, weakest.indices
 
@@ -110,7 +110,7 @@ def nm_masks(plans: Sequence[LayerPlan], scores: Sequence[torch.Tensor],
     every candidate is pruned and each group keeps exactly its N highest scores."""
     if not plans:
         return []
-    candidates = [nm_candidates(s, p.n, p.m) for p, s in zip(plans, scores)]
+    candidates = [nm_candidates(s, p.n, p.m, p.axis) for p, s in zip(plans, scores)]
     if fraction >= 1.0:
         prune = [torch.ones_like(values, dtype=torch.bool) for values, _ in candidates]
     else:
@@ -123,5 +123,5 @@ def nm_masks(plans: Sequence[LayerPlan], scores: Sequence[torch.Tensor],
     for plan, s, (values, index), pruned in zip(plans, scores, candidates, prune):
         keep = torch.ones(index.shape[0], plan.m, dtype=torch.bool, device=s.device)
         keep.scatter_(1, index, ~pruned)
-        masks.append(from_groups(keep, s))
+        masks.append(from_groups(keep, s, plan.axis))
     return masks

@@ -46,6 +46,8 @@ class LayerReport:
     pattern: Pattern
     sparsity: float
     reason: str
+    parameter: str = ""  # the weight's state-dict name
+    axis: int = 1        # its reduction axis
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the pattern as its text ('2:4', 'unstructured', 'dense')."""
@@ -171,13 +173,16 @@ class Sparsifier:
         self._require("created", action="attach")
         modules = dict(self.model.named_modules())
         targets = [p for p in self.plans if p.kind != "dense"]
-        weights = {p.name: modules[p.name].weight for p in targets}
+        weights: dict[str, torch.Tensor] = {p.name: self.model.get_parameter(p.parameter) for p in targets}
         self.criterion.setup(weights, seed=self.seed)
+        owned: dict[str, dict[str, LayerState]] = {}  # owner module -> its weights' layers
         for plan in targets:
             scores = self.criterion.scores(plan.name, weights[plan.name]) if self.criterion.learned else None
-            layer = LayerState(plan, modules[plan.name], self.forward, scores)
-            masking.install(layer.module, layer)
+            layer = LayerState(plan, modules[plan.owner or ""], self.forward, scores)
+            owned.setdefault(plan.owner or "", {})[plan.path] = layer
             self.layers.append(layer)
+        for owner, layers in owned.items():
+            masking.install(modules[owner], layers)
         if self.criterion.learned:
             self.score_optimizer = torch.optim.SGD([l.scores for l in self.layers if l.scores is not None],
                                                    lr=0.0, momentum=self.score_momentum, weight_decay=0.0)
@@ -276,7 +281,7 @@ class Sparsifier:
         if not self.forward.scheduled:
             return
         self.fraction = 0.0 if self.in_warmup else self.schedule.fraction(self.schedule_progress(progress))
-        before = {l.plan.name: l.mask.bool() for l in self.layers} if self.mask_hooks else {}
+        before = {l.plan.name: l.mask.clone() for l in self.layers} if self.mask_hooks else {}
         by_kind: dict[str, list[LayerState]] = {}
         for layer in self.layers:
             by_kind.setdefault(layer.plan.kind, []).append(layer)
@@ -309,6 +314,7 @@ class Sparsifier:
         self._require("attached", action="bake")
         for layer in self.layers:
             layer.weight.mul_(layer.keep_mask().to(layer.weight.device))
+        for layer in self.layers:
             masking.uninstall(layer.module)
             layer.scores = None
         self.score_optimizer = None
@@ -329,7 +335,7 @@ class Sparsifier:
             "format": STATE_FORMAT, "method": self.method, "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "fraction": self.fraction, "calibrated": self.calibrated,
-            "masks": {l.plan.name: l.mask.bool().cpu() for l in self.layers},
+            "masks": {l.plan.name: l.mask.to("cpu", copy=True) for l in self.layers},
             "scores": {l.plan.name: l.scores.detach().cpu() for l in self.layers if l.scores is not None},
             "score_optimizer": self.score_optimizer.state_dict() if self.score_optimizer else None,
         }
@@ -369,11 +375,11 @@ class Sparsifier:
         masks = self.masks() if live else {}
         rows = []
         for plan in self.plans:
-            w = modules[plan.name].weight
+            w = self.model.get_parameter(plan.parameter)
             zeros = (~masks[plan.name]).sum() if plan.name in masks else (w == 0).sum()
-            rows.append(LayerReport(plan.name, type(modules[plan.name]).__name__, tuple(w.shape),
-                                    w.numel(), plan.kind != "dense", plan.pattern,
-                                    float(zeros) / w.numel(), plan.reason))
+            kind = type(modules[plan.owner]).__name__ if plan.owner in modules else plan.type_name
+            rows.append(LayerReport(plan.name, kind, tuple(w.shape), w.numel(), plan.kind != "dense", plan.pattern,
+                                    float(zeros) / w.numel(), plan.reason, plan.parameter, plan.axis))
         return rows
 
     def sparsity(self) -> float:

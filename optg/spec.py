@@ -35,12 +35,12 @@ from optg.pattern import Pattern, parse_nm
 from optg.registry import Registry, UnknownNameError
 from optg.schedules import SCHEDULES, Schedule, schedule_settings
 from optg.targets import (
-    TYPE_NAMES,
     Allocation,
     TargetSpec,
     check_overrides,
     check_regexes,
     check_types,
+    default_types,
 )
 
 Loc = tuple[str | int, ...]
@@ -150,7 +150,7 @@ class SparsitySpec(BaseModel):
     criterion: str | Criterion | None = Field(None, description="None = the method's; or an instance")
     forward: str | ForwardRule | None = Field(None, description="None = the method's; or an instance")
     update_every_steps: int | None = Field(None, ge=1, description="also recompute masks every k steps")
-    types: list[str] = Field(default_factory=lambda: list(TYPE_NAMES))
+    types: list[str] = Field(default_factory=lambda: list(default_types()))
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     overrides: dict[str, str | float] = Field(default_factory=dict)

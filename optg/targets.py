@@ -7,12 +7,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import nn
 
-from optg.masking import SUPPORTED_TYPES, weight_of
 from optg.pattern import Pattern, parse_nm
+from optg.weights import find_targets, get_path, type_names
 
-TYPE_NAMES: dict[str, type[nn.Module]] = {t.__name__: t for t in SUPPORTED_TYPES}
 Allocation = Literal["global", "layerwise"]
 PlanKind = Literal["global", "layerwise", "nm", "dense"]
 
@@ -27,6 +27,17 @@ class LayerPlan:
     pattern: Pattern
     allocation: Allocation = "global"
     reason: str = ""
+    parameter: str = ""    # the weight's state-dict name (default `<name>.weight`)
+    owner: str | None = None  # the module whose forward is wrapped (default: `name`, the module itself)
+    path: str = "weight"   # the weight's path relative to the owner
+    axis: int = 1          # the reduction axis its N:M groups run along
+    type_name: str = ""    # the registry type it was selected by (`optg.weights`)
+
+    def __post_init__(self) -> None:
+        if not self.parameter:
+            object.__setattr__(self, "parameter", f"{self.name}.weight" if self.name else "weight")
+        if self.owner is None:
+            object.__setattr__(self, "owner", self.name)
 
     @property
     def kind(self) -> PlanKind:
@@ -49,9 +60,15 @@ class LayerPlan:
 
 
 def check_types(types: list[str] | tuple[str, ...]) -> list[str]:
-    """Problems with layer type names ([] if all are supported)."""
-    bad = [t for t in types if t not in TYPE_NAMES]
-    return [f"unknown layer types {bad}; valid: {', '.join(TYPE_NAMES)}"] if bad else []
+    """Problems with layer type names ([] if all are registered in `optg.weights`)."""
+    valid = type_names()
+    bad = [t for t in types if t not in valid]
+    return [f"unknown layer types {bad}; valid: {', '.join(valid)}"] if bad else []
+
+
+def default_types() -> tuple[str, ...]:
+    """Every registered type: each weight that runs a matrix product is a target by default."""
+    return tuple(type_names())
 
 
 def check_regexes(patterns: list[str] | tuple[str, ...]) -> list[str]:
@@ -82,7 +99,7 @@ class TargetSpec:
     include = all). `overrides` maps a name regex to 'dense', 'N:M', or a sparsity in [0, 1)
     applied to that layer alone; the first matching override wins."""
 
-    types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    types: tuple[str, ...] = field(default_factory=default_types)
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, str | float] = field(default_factory=dict)
@@ -110,12 +127,11 @@ def parse_override(value: str | float | Pattern) -> Pattern:
     return Pattern.nm(*parse_nm(value))  # raises a clear ValueError for anything else
 
 
-def nm_ineligibility(module: nn.Module, m: int) -> str:
-    """Why `module` cannot carry an N:M pattern with this M ('' if it can)."""
-    groups = getattr(module, "groups", 1)
+def nm_ineligibility(weight: torch.Tensor, axis: int, m: int, groups: int = 1) -> str:
+    """Why a weight with reduction `axis` cannot carry an N:M pattern with this M ('' if it can)."""
     if groups > 1:
         return f"grouped conv (groups={groups}) has no shared reduction axis for N:M"
-    channels = weight_of(module).shape[1]
+    channels = weight.shape[axis]
     if channels < m:
         return f"input channels C={channels} < M={m} (stem)"
     if channels % m:
@@ -125,40 +141,41 @@ def nm_ineligibility(module: nn.Module, m: int) -> str:
 
 def plan_layers(model: nn.Module, spec: TargetSpec, pattern: Pattern,
                 allocation: Allocation = "global") -> list[LayerPlan]:
-    """One LayerPlan per module of a supported type (dense ones included, with a reason).
-    `pattern` is the model's pattern; overrides and N:M eligibility may change it per layer."""
+    """One LayerPlan per registered weight in the model (`optg.weights`: Linear, ConvNd,
+    transformers Conv1D, attention projections, user types), dense ones included with a
+    reason. `pattern` is the model's pattern; overrides and N:M eligibility may change it per
+    layer. Embeddings are never targets; a weight tied to another name is dense."""
     if pattern.is_dense:
         raise ValueError("the model's pattern must be unstructured or N:M, not dense")
-    types = tuple(TYPE_NAMES[t] for t in spec.types)
-    parents_with_functional_weights = {
-        name for name, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)
-    }
-    owners: dict[int, list[str]] = {}  # parameter -> every name it is registered under (tied weights)
+    selected = set(spec.types)
+    aliases: dict[int, list[str]] = {}  # parameter -> every name it is registered under (tied weights)
     for pname, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(pname)
+        aliases.setdefault(id(param), []).append(pname)
     head = _output_head(model)
+    head_weight = getattr(head, "weight", None) if head is not None else None
     seen_weights: dict[int, str] = {}
     plans: list[LayerPlan] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, SUPPORTED_TYPES):
-            continue
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
+    for target, owner in find_targets(model):
+        name = target.name
+        found = get_path(owner, target.path)
+        assert found is not None  # find_targets yields present weights only
+        weight: torch.Tensor = found
         excluded_by = next((rx for rx in spec.exclude if re.search(rx, name)), None)
         override = next((v for rx, v in spec.overrides.items() if re.search(rx, name)), None)
+        where = dict(parameter=target.parameter, owner=target.owner, path=target.path, axis=target.axis,
+                     type_name=target.type_name)
         reason = ""
-        if not isinstance(module, types):
-            reason = f"type {type(module).__name__} not in targets"
-        elif parent in parents_with_functional_weights:
-            reason = "used functionally by nn.MultiheadAttention; cannot be masked"
-        elif id(module.weight) in seen_weights:
-            reason = f"weight shared with {seen_weights[id(module.weight)]}"
-        elif tied := [n for n in owners.get(id(module.weight), []) if n != _own(name, "weight")]:
+        if target.type_name not in selected:
+            reason = f"type {target.type_name} not in targets"
+        elif id(weight) in seen_weights:
+            reason = f"weight shared with {seen_weights[id(weight)]}"
+        elif tied := [n for n in aliases.get(id(weight), []) if n != target.parameter]:
             reason = f"tied to {tied[0]} (masking one would mask the other)"
-        elif module is head and not any(re.search(rx, name) for rx in spec.include):
+        elif weight is head_weight and not any(re.search(rx, name) for rx in spec.include):
             reason = ("output head: dense by default, as SparseGPT and Wanda leave it; "
                       "name it in include to sparsify it")
         else:
-            seen_weights[id(module.weight)] = name
+            seen_weights[id(weight)] = name
             if spec.include and not any(re.search(rx, name) for rx in spec.include):
                 reason = "not matched by include"
             elif excluded_by is not None:
@@ -166,11 +183,14 @@ def plan_layers(model: nn.Module, spec: TargetSpec, pattern: Pattern,
             elif override is not None and parse_override(override).is_dense:
                 reason = "override: dense"
         if reason:
-            plans.append(LayerPlan(name, Pattern.dense(), reason=reason))
-        elif override is not None:
-            plans.append(_fit(name, module, parse_override(override), "layerwise"))
+            plans.append(LayerPlan(name, Pattern.dense(), reason=reason, **where))  # type: ignore[arg-type]
+            continue
+        chosen, alloc = (parse_override(override), "layerwise") if override is not None else (pattern, allocation)
+        why = nm_ineligibility(weight, target.axis, chosen.m, getattr(owner, "groups", 1)) if chosen.is_nm else ""
+        if why:
+            plans.append(LayerPlan(name, Pattern.dense(), reason=why, **where))  # type: ignore[arg-type]
         else:
-            plans.append(_fit(name, module, pattern, allocation))
+            plans.append(LayerPlan(name, chosen, alloc, **where))  # type: ignore[arg-type]
     return plans
 
 
@@ -188,12 +208,3 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     except (AttributeError, NotImplementedError):
         return None
     return head if isinstance(head, nn.Module) else None
-
-
-def _fit(name: str, module: nn.Module, pattern: Pattern, allocation: Allocation) -> LayerPlan:
-    """The plan for a selected layer: its pattern, or dense with the reason it cannot carry N:M."""
-    if pattern.is_nm:
-        why = nm_ineligibility(module, pattern.m)
-        if why:
-            return LayerPlan(name, Pattern.dense(), reason=why)
-    return LayerPlan(name, pattern, allocation)

@@ -209,17 +209,3 @@ def test_schedules_end_exactly_at_target():
     assert cubic.fraction(0) == 0 and cubic.fraction(5) == 1 and cubic.fraction(3) == pytest.approx(1 - 0.5**3)
 
 
-def test_multihead_attention_out_proj_is_left_dense_with_reason():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.fc = nn.Linear(16, 16)
-
-        def forward(self, x):
-            return self.fc(self.attn(x, x, x)[0])
-
-    sp = optg.create("gmp", Block(), target=0.5, epochs=1)
-    plans = {p.name: p for p in sp.plans}
-    assert plans["attn.out_proj"].kind == "dense" and "MultiheadAttention" in plans["attn.out_proj"].reason
-    assert plans["fc"].kind == "global"

@@ -152,7 +152,7 @@ def test_guard_fires_on_a_planted_bad_mask_and_stays_silent_on_a_good_one(bad):
     guard = optg.LossGuard(batches, optg.supervised(F.cross_entropy), threshold=0.3)
     sp.add_mask_hook(guard)
     layer = {l.plan.name: l for l in sp.layers}["0"]
-    before = {l.plan.name: l.mask.bool() for l in sp.layers}
+    before = {l.plan.name: l.mask.clone() for l in sp.layers}
     w = layer.weight.detach().abs()
     planted = torch.ones_like(w)
     if bad:  # the 32 largest weights from the two inputs that decide the label
