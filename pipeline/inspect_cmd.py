@@ -28,7 +28,9 @@ from stages.onnx_sparsity import (
     WeightScan,
     dense_exemptions,
     load_model,
+    pattern_coverage,
     scan_weights,
+    weight_macs,
     weight_report,
 )
 
@@ -58,6 +60,8 @@ def run_inspect(path: str, pattern: str | None, as_json: bool, out: TextIO) -> i
         scan = scan_weights(model, base_dir=str(file.parent))
         exempt = dense_exemptions(model)
         rows = [weight_report(w, checked, exempt) for w in scan.weights]
+        for row, macs in zip(rows, weight_macs(model, scan.weights)):
+            row["macs"] = macs
     except OversizedTensor as exc:
         print(f"optg inspect: cannot read {path}: oversized tensor: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -127,6 +131,8 @@ def _summary(rows: list[dict], scan: WeightScan, nm: tuple[int, int], enforced: 
         "apex_eligible": sum(1 for r in rows if r["apex_eligible"]),
         "total_params": sum(r["numel"] for r in rows),
         "zero_fraction": _weighted_sparsity(rows),
+        # the share of Conv/Gemm/MatMul weight MACs on weights holding the pattern
+        "pattern_coverage": pattern_coverage([r["macs"] for r in rows], [bool(r["pattern_ok"]) for r in rows]),
     }
 
 
@@ -171,6 +177,9 @@ def _print_table(file: Path, rows: list[dict], scan: WeightScan, nm: tuple[int, 
           f"untraced; TensorRT eligible {s['trt_eligible']}, likely faster {s['likely_faster']}, "
           f"apex ASP {s['apex_eligible']}; {100 * s['zero_fraction']:.1f}% of {s['total_params']} "
           f"weights are zero", file=out)
+    if s["pattern_coverage"] is not None:
+        print(f"{pat} coverage: {100 * s['pattern_coverage']:.1f}% of Conv/Gemm/MatMul weight MACs run on weights "
+              f"holding {pat}", file=out)
     for line in failures:
         print(f"FAIL {line}", file=out)
     if enforced:

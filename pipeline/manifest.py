@@ -112,6 +112,7 @@ class Metrics(_Growing):
     perplexity_increase: float | None = None  # relative: sparse / dense - 1
     nonzero_params: int | None = None
     parity_max_abs_error: float | None = None
+    pattern_coverage: float | None = None  # share of the file's weight MACs on weights holding the N:M pattern
     latency: dict[str, Any] | None = None  # stages.benchmark.LatencyResult.to_dict()
 
 

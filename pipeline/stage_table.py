@@ -403,6 +403,7 @@ def run_verify(ctx: RunContext) -> None:
                                           expectations, ctx.cfg.verify)
     manifest.verify = result
     manifest.metrics.parity_max_abs_error = result.parity_max_abs_error
+    manifest.metrics.pattern_coverage = result.pattern_coverage
     verify_stage.raise_on_failure(result)
 
 
@@ -522,7 +523,7 @@ def report_input(ctx: RunContext) -> report_stage.ReportInput:
     m, s = ctx.run.manifest, ctx.cfg.sparsity
     shown = ("dense_accuracy", "sparse_accuracy", "accuracy_drop", "dense_perplexity", "sparse_perplexity",
              "perplexity_increase", "targeted_sparsity", "model_sparsity", "params", "nonzero_params", "macs",
-             "parity_max_abs_error")
+             "parity_max_abs_error", "pattern_coverage")
     return report_stage.ReportInput(
         name=m.name, status=m.status, failed_gate=m.error.gate if m.error else None,
         error=m.error.message if m.error else None, method=s.method, pattern=s.pattern, target=s.target,

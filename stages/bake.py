@@ -47,19 +47,19 @@ def summarize(rows: list[optg.LayerReport], model: nn.Module) -> BakeResult:
     """Typed layer rows with their weight's parameter name, and the weighted sparsities."""
     layers = [BakedLayer(name=r.name, type=r.type, shape=list(r.shape), numel=r.numel, targeted=r.targeted,
                          pattern=str(r.pattern), sparsity=r.sparsity, reason=r.reason,
-                         parameter=weight_name(model, r.name)) for r in rows]
+                         parameter=weight_name(model, r.parameter or f"{r.name}.weight")) for r in rows]
     return BakeResult(layers=layers, targeted_sparsity=optg.weighted_sparsity([r for r in rows if r.targeted]),
                       model_sparsity=optg.weighted_sparsity(rows))
 
 
-def weight_name(model: nn.Module, module_name: str) -> str:
-    """The state-dict name under which `model` holds the weight of module `module_name`
-    (found by identity, so shared or re-registered weights get their real name)."""
-    weight = model.get_submodule(module_name).weight
+def weight_name(model: nn.Module, parameter: str) -> str:
+    """The state-dict name under which `model` holds the weight at `parameter` (found by
+    identity: a tied weight is saved once, under its first name)."""
+    weight = model.get_parameter(parameter)
     for name, param in model.named_parameters(remove_duplicate=False):
         if param is weight:
             return name
-    raise ValueError(f"module {module_name!r} has no registered weight parameter")
+    raise ValueError(f"{parameter!r} is not a registered parameter")
 
 
 def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:

@@ -510,3 +510,62 @@ def scan_weights(model: onnx.ModelProto, base_dir: str | None = None) -> WeightS
 def collect_weights(model: onnx.ModelProto, base_dir: str | None = None) -> list[OnnxWeight]:
     """The weights `scan_weights` could read (untraced inputs are left out: see scan_weights)."""
     return scan_weights(model, base_dir).weights
+
+
+# ----------------------------------------------------------------------------- coverage
+
+
+def weight_macs(model: onnx.ModelProto, weights: list[OnnxWeight]) -> list[int]:
+    """Multiply-accumulates per sample of each weight's node: its element count times the
+    positions it is applied at (a Conv's output pixels, the tokens of a MatMul, also when the
+    exporter flattened [batch, sequence] into one axis). Shapes come from ONNX Runtime's
+    symbolic shape inference (sympy, which torch requires); every symbol (the batch, a dynamic
+    sequence) counts as 1, so a token model is counted per token: the shares between weights,
+    which coverage reports, are exact. Where that inference fails, ONNX's own shape inference;
+    a node whose shape neither infers counts once."""
+    dims: dict[str, list[int | str]] = {}
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        graph = inferred.graph if inferred is not None else model.graph
+    except Exception:  # noqa: BLE001 - it cannot read every graph: ONNX's own inference then
+        try:
+            graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        except Exception:  # noqa: BLE001 - nor can that: count those weights once
+            graph = model.graph
+    for value in (*graph.value_info, *graph.output):
+        shape = value.type.tensor_type.shape
+        dims[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "1") for d in shape.dim]
+    outputs = {node.name or f"{node.op_type}#{i}": node.output[0] for i, node in enumerate(model.graph.node)
+               if node.output}
+    macs = []
+    for w in weights:
+        per_sample = _per_sample(dims.get(outputs.get(w.node, ""), []))
+        positions = max(1, per_sample // max(1, w.out_size)) if per_sample else 1
+        macs.append(w.numel * positions)
+    return macs
+
+
+def _per_sample(shape: list[int | str]) -> int:
+    """The element count of a shape with every symbol set to 1 (0 when unknown)."""
+    if not shape:
+        return 0
+    import sympy
+
+    total = 1
+    for d in shape:
+        if isinstance(d, str):
+            try:
+                expr = sympy.sympify(d)
+                d = int(expr.subs({sym: 1 for sym in expr.free_symbols}))
+            except (sympy.SympifyError, TypeError, ValueError):
+                d = 1
+        total *= max(int(d), 1)
+    return total
+
+
+def pattern_coverage(macs: list[int], holds: list[bool]) -> float | None:
+    """The share of weight MACs on weights that hold the pattern (None: no weight MACs)."""
+    total = sum(macs)
+    return sum(m for m, ok in zip(macs, holds) if ok) / total if total else None

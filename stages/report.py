@@ -58,6 +58,7 @@ class ReportInput(BaseModel):
     nonzero_params: int | None = None
     macs: int | None = None
     parity_max_abs_error: float | None = None
+    pattern_coverage: float | None = None
     max_accuracy_drop: float | None = None  # validate's gates, for the gate line
     min_accuracy: float | None = None
     max_perplexity_increase: float | None = None
@@ -253,6 +254,8 @@ def render_markdown(report: ReportInput, plot_name: str | None) -> str:
         ("parameters (dense / nonzero)", f"{r.params} / {r.nonzero_params}"),
         ("MACs per sample (dense)", r.macs),
         ("ONNX parity (max abs error)", r.parity_max_abs_error),
+        *([(f"{r.pattern} coverage (share of the file's weight MACs on weights holding it)",
+            f"{100 * r.pattern_coverage:.1f}%")] if r.pattern_coverage is not None else []),
         (f"{r.metric} gate", gate_line(r)),
         ("largest loss rise at a mask update (guard)", _largest_rise(r.history)),
         ("config hash", r.config_hash[:16]),

@@ -43,6 +43,8 @@ from stages.onnx_sparsity import (
     dense_exemptions,
     load_model,
     must_hold,
+    pattern_coverage,
+    weight_macs,
     weight_report,
 )
 
@@ -87,6 +89,9 @@ class VerifyResult(BaseModel):
     outputs: list[dict[str, Any]]
     layers: list[dict[str, Any]]
     notes: list[str] = Field(default_factory=list)
+    # the share of the file's Conv/Gemm/MatMul weight MACs on weights holding the run's N:M
+    # pattern (None for an unstructured run or a file without weight MACs)
+    pattern_coverage: float | None = None
 
     @classmethod
     def of(cls, failures: list[str], outputs: list[dict], layers: list[dict], notes: list[str]) -> "VerifyResult":
@@ -198,7 +203,17 @@ def verify_onnx(export: ExportResult, model: nn.Module,
         failures += [f"{PATTERN}: {f}" for f in _pattern_failures(
             expectations, matches, model, path.name, cfg.sparsity_tolerance, notes)]
         failures += [f"{PATTERN}: {f}" for f in _inspect_failures(proto, weights, matches, path.name)]
-    return VerifyResult.of(failures, outputs, layers, notes)
+    result = VerifyResult.of(failures, outputs, layers, notes)
+    result.pattern_coverage = coverage(proto, weights)
+    return result
+
+
+def coverage(proto: onnx.ModelProto, weights: list[OnnxWeight]) -> float | None:
+    """`optg inspect`'s coverage for the file's own N:M pattern (metadata `optg.pattern`)."""
+    nm = _nm_or_none({p.key: p.value for p in proto.metadata_props}.get("optg.pattern", ""))
+    if nm is None:
+        return None
+    return pattern_coverage(weight_macs(proto, weights), [w.check(*nm).holds for w in weights])
 
 
 def _inspect_failures(proto: onnx.ModelProto, weights: list[OnnxWeight],
@@ -286,10 +301,12 @@ def _nm_or_none(pattern: str) -> tuple[int, int] | None:
 
 def _value_check(onnx_w: np.ndarray, torch_w: torch.Tensor, dtype: str) -> str:
     """'exact', 'rescaled' (per output channel, what BatchNorm folding does) or 'differs'."""
+    if torch_w.dim() == 2 and tuple(torch_w.shape) != onnx_w.shape and tuple(torch_w.shape[::-1]) == onnx_w.shape:
+        torch_w = torch_w.t()  # stored [in, out] (transformers' Conv1D): compare in the [out, in] layout
     a = onnx_w.astype(np.float64).reshape(onnx_w.shape[0], -1)
-    b = torch_w.detach().double().cpu().numpy().reshape(a.shape[0], -1)
-    if a.shape != b.shape:
+    if torch_w.numel() != a.size:
         return "differs"
+    b = torch_w.detach().double().cpu().numpy().reshape(a.shape[0], -1)
     rtol = 2e-3 if dtype == "fp16" else 1e-6
     atol = rtol * max(float(np.abs(b).max(initial=0.0)), 1e-12)
     if np.allclose(a, b, rtol=rtol, atol=atol):

@@ -27,13 +27,16 @@ def match_weights(names: Sequence[str], weights: list[OnnxWeight],
     claimed: set[int] = set()
     found: dict[str, tuple[OnnxWeight, str]] = {}
 
-    def fits(w: OnnxWeight, name: str) -> bool:
+    def fits(w: OnnxWeight, name: str, transposed_ok: bool = True) -> bool:
         want = shapes.get(name)
-        return want is None or tuple(w.torch_layout().shape) == tuple(want)
+        got = tuple(w.torch_layout().shape)
+        # a weight stored [in, out] (transformers' Conv1D) reads back transposed from the
+        # [out, in] layout of Linear: named matches may be either, an order match is exact
+        return want is None or got == tuple(want) or (transposed_ok and len(want) == 2 and got == tuple(want)[::-1])
 
     def take(name: str, how: str, pred) -> bool:
         for i, w in enumerate(weights):
-            if i not in claimed and pred(w) and fits(w, name):
+            if i not in claimed and pred(w) and fits(w, name, how != "order"):
                 claimed.add(i)
                 found[name] = (w, how)
                 return True

@@ -18,6 +18,7 @@ from pipeline.cli import main  # noqa: E402
 from tests.pipeline.conftest import write_config  # noqa: E402
 from tests.stages.hf_cases import (  # noqa: E402
     bert_config,
+    gpt2_config,
     llama_config,
     save_folder,
     text_folder,
@@ -50,7 +51,7 @@ def lm_data(tmp_path_factory):
     return text_folder(tmp_path_factory.mktemp("lmdata"))
 
 
-@pytest.mark.parametrize("config", [llama_config], ids=["llama"])
+@pytest.mark.parametrize("config", [llama_config, gpt2_config], ids=["llama", "gpt2"])
 def test_causal_lm_run_exports_token_onnx_that_matches_pytorch(tmp_path, lm_data, config, capsys):
     folder = save_folder(tmp_path / "model", config(), "AutoModelForCausalLM")
     path = write_config(tmp_path / "lm.yaml", _causal(folder, lm_data))
@@ -77,6 +78,9 @@ def test_causal_lm_run_exports_token_onnx_that_matches_pytorch(tmp_path, lm_data
         assert t.elem_type == onnx.TensorProto.INT64
         assert [d.dim_param for d in t.shape.dim] == ["batch", "sequence"]
     assert main(["inspect", str(run / "model.onnx"), "--pattern", "2:4"]) == 0, capsys.readouterr()
+    assert "2:4 coverage:" in capsys.readouterr().out
+    # the dense head (tied or output head) is the only weight MACs off the pattern
+    assert 0.2 < metrics["pattern_coverage"] < 1.0 or m["metrics"]["pattern_coverage"] is not None
     # verify compared two sequence lengths
     shapes = {tuple(r["input_shape"]) for r in m["verify"]["outputs"]}
     assert len({s[1] for s in shapes}) == 2
