@@ -11,6 +11,7 @@
 Plain PyTorch: no YAML, no file I/O.
 """
 from optg.build import create
+from optg.calibrated import SparseGPT, Wanda
 from optg.criteria import (
                             CRITERIA,
                             Criterion,
@@ -64,6 +65,8 @@ from optg.targets import LayerPlan, TargetSpec, plan_layers
 __version__ = "0.1.0"
 
 __all__ = [
+                            "SparseGPT",
+                            "Wanda",
                             "CRITERIA",
                             "FORWARD_RULES",
                             "MASK_RULES",

@@ -6,6 +6,7 @@ from typing import Any
 from pydantic import ValidationError
 from torch import nn
 
+from optg.calibrated import input_problems
 from optg.sparsifier import Sparsifier
 from optg.spec import SparsitySpec, spec_problems
 from optg.targets import plan_layers
@@ -47,6 +48,10 @@ def create(spec_or_method: SparsitySpec | str, model: nn.Module, *, steps_per_ep
     if not any(p.kind != "dense" for p in plans):
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans) or "model has no Linear/Conv layers"
         raise ValueError(f"no layer can be sparsified ({reasons})")
+    if spec.method in ("wanda", "sparsegpt") or getattr(resolved.criterion, "bind", None) is not None:
+        problems = input_problems(spec.method, plans)
+        if problems:
+            raise ValueError("; ".join(problems))
     freeze_from = spec.epochs - spec.freeze_scores_last if spec.freeze_scores_last and spec.epochs else None
     sparsifier = Sparsifier(model, plans, resolved.criterion, resolved.schedule, resolved.forward,
                       method=spec.method, update_every_steps=spec.update_every_steps,

@@ -31,3 +31,7 @@ METHODS.add("random", Method("random", "constant"))
 METHODS.add("oneshot", Method("magnitude", "constant"))
 # SR-STE (Zhou et al. 2021): N:M by magnitude at every forward, decay on the pruned weights
 METHODS.add("srste", Method("magnitude", "constant", "srste", nm_only=True))
+# Wanda (Sun et al. 2023): |W| x ||X_j|| on calibration batches, mask fixed
+METHODS.add("wanda", Method("wanda", "constant"))
+# SparseGPT (Frantar & Alistarh 2023): layer-wise reconstruction on calibration batches, mask fixed
+METHODS.add("sparsegpt", Method("sparsegpt", "constant"))

@@ -183,6 +183,9 @@ class Sparsifier:
             self.layers.append(layer)
         for owner, layers in owned.items():
             masking.install(modules[owner], layers)
+        bind = getattr(self.criterion, "bind", None)  # data-aware criteria hook each target's input
+        if callable(bind):
+            bind({l.plan.name: l.plan for l in self.layers}, {l.plan.name: l.module for l in self.layers})
         if self.criterion.learned:
             self.score_optimizer = torch.optim.SGD([l.scores for l in self.layers if l.scores is not None],
                                                    lr=0.0, momentum=self.score_momentum, weight_decay=0.0)

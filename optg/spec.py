@@ -154,7 +154,9 @@ class SparsitySpec(BaseModel):
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     overrides: dict[str, str | float] = Field(default_factory=dict)
-    calibration_batches: int = Field(4, ge=1, description="SNIP: batches scored at initialisation")
+    calibration_batches: int | None = Field(None, ge=1, description=(
+        "batches a data-aware method calibrates on; None = the method's: 8 for wanda and sparsegpt, 4 for snip"))
+    sparsegpt_percdamp: float = Field(0.01, ge=0, lt=1, description="SparseGPT: dampening, a fraction of mean(diag H)")
     srste_decay: float = Field(2e-4, ge=0, description="SR-STE: decay on the pruned weights")
     score_momentum: float = Field(0.9, ge=0, lt=1, description="learned scores: SGD momentum")
     score_lr_factor: float = Field(1.0, ge=0, description="learned scores: lr = this * weight lr * p(e)/p_target")
@@ -256,6 +258,13 @@ class SparsitySpec(BaseModel):
     def problems(self) -> list[Problem]:
         """Everything wrong across fields and plug-ins ([] for a valid spec)."""
         return _resolve(self)[1]
+
+    @property
+    def calibration_batches_in_force(self) -> int:
+        """`calibration_batches`, or the method's default (8 for Wanda/SparseGPT, 4 otherwise)."""
+        if self.calibration_batches is not None:
+            return self.calibration_batches
+        return 8 if self.method in ("wanda", "sparsegpt") else 4
 
     def resolve(self) -> Resolved:
         """The plug-ins this spec names, built fresh (criteria hold per-run state), and its

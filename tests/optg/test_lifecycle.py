@@ -186,7 +186,7 @@ def test_unknown_names_list_valid_ones_and_errors_are_collected():
     with pytest.raises(ValueError) as err:
         optg.create("optq", small_cnn(), pattern="5:4", schedule="linear", epochs=0)
     text = str(err.value)
-    assert "method: unknown method 'optq'" in text and "gmp, oneshot, optg, random, snip, srste" in text
+    assert "method: unknown method 'optq'" in text and "gmp, oneshot, optg, random, snip, sparsegpt, srste, wanda" in text
     assert "1 <= N < M" in text
     assert "unknown schedule 'linear'; valid: constant, cubic, sigmoid" in text
     with pytest.raises(ValueError, match="N:M patterns only"):

@@ -47,7 +47,7 @@ def test_field_errors_are_collected_in_one_error_with_their_locations():
     found = locs(err.value)
     assert set(found) == {"method", "pattern", "schedule.name", "types", "exclude", "overrides", "epochs",
                           "criterion", "forward"}
-    assert "unknown method 'optq'; valid: gmp, oneshot, optg, random, snip, srste" in found["method"]
+    assert "unknown method 'optq'; valid: gmp, oneshot, optg, random, snip, sparsegpt, srste, wanda" in found["method"]
     assert "N:M pattern needs 1 <= N < M, got 4:2" in found["pattern"]
     assert "unknown schedule 'linear'; valid: constant, cubic, sigmoid" in found["schedule.name"]
     assert "unknown layer types ['LSTM']" in found["types"]
