@@ -556,10 +556,11 @@ def _per_sample(shape: list[int | str]) -> int:
     total = 1
     for d in shape:
         if isinstance(d, str):
+            names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", d))  # every name a symbol ("N", "E" included)
             try:
-                expr = sympy.sympify(d)
+                expr = sympy.sympify(d, locals={n: sympy.Symbol(n) for n in names})
                 d = int(expr.subs({sym: 1 for sym in expr.free_symbols}))
-            except (sympy.SympifyError, TypeError, ValueError):
+            except Exception:  # noqa: BLE001 - an expression sympy cannot read: count it once
                 d = 1
         total *= max(int(d), 1)
     return total

@@ -5,12 +5,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 import optg
 from stages.tasks import ClassificationTask, Task
 from stages.train import TrainConfig
+
+# methods whose mask is fixed before training (a constant schedule): with `epochs: 0` the
+# pipeline prunes and bakes without training; with epochs > 0 the weights fine-tune under it
+ONE_SHOT_METHODS = ("oneshot", "wanda", "sparsegpt", "snip", "random")
 
 
 class SparsityConfig(TrainConfig, optg.SparsitySpec):
@@ -18,7 +22,14 @@ class SparsityConfig(TrainConfig, optg.SparsitySpec):
     other sparsity settings, all validated by the spec) plus the training settings of this
     phase (`TrainConfig`). The config is the spec: `optg.create(cfg, model)` takes it as is."""
 
-    epochs: int = Field(ge=1, description="sparse-training epochs")
+    epochs: int = Field(ge=0, description="sparse-training epochs; 0: one-shot (prune, bake, no training)")
+
+    @model_validator(mode="after")
+    def _zero_epochs_are_one_shot(self) -> "SparsityConfig":
+        if self.epochs == 0 and self.method not in ONE_SHOT_METHODS:
+            raise ValueError(f"epochs: 0 means one-shot: method {self.method!r} trains its mask; one-shot methods "
+                             f"are {', '.join(ONE_SHOT_METHODS)}")
+        return self
 
 
 def plan(model: nn.Module, cfg: SparsityConfig) -> list[optg.LayerPlan]:
@@ -56,20 +67,22 @@ def settings_in_force(sparsifier: optg.Sparsifier, cfg: SparsityConfig, from_tra
         settings.update({field: getattr(spec, field) for field in (
             "score_warmup_steps", "score_init", "score_init_scale", "score_lr_coupled", "score_lr_factor",
             "score_normalization", "max_swap_fraction")})
+    if getattr(sparsifier.criterion, "needs_calibration", False):
+        settings["calibration_batches"] = cfg.calibration_batches_in_force
     settings["guard"] = spec.guard.model_dump() if spec.guard is not None else None
     return settings
 
 
 def calibrate_if_needed(sparsifier: optg.Sparsifier, loader: Iterable[Any], cfg: SparsityConfig,
                         device: torch.device, task: Task | None = None) -> int:
-    """SNIP scores connections on a few training batches before training (the task's loss);
-    others skip."""
+    """Data-aware criteria (SNIP, Wanda, SparseGPT) score on a few training batches before
+    training, with the task's loss; others skip."""
     if sparsifier.calibrated:
         return 0
     task = task or ClassificationTask()
     batches = []
     for batch in loader:
         batches.append(task.to_device(batch, device))
-        if len(batches) == cfg.calibration_batches:
+        if len(batches) == cfg.calibration_batches_in_force:
             break
     return sparsifier.calibrate(batches, task.batch_loss)

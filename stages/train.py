@@ -55,7 +55,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _warmup_shorter_than_training(self) -> "TrainConfig":
-        if self.warmup_epochs >= self.epochs:
+        if self.epochs and self.warmup_epochs >= self.epochs:  # 0 epochs (one-shot sparsity): nothing runs
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
         return self
 

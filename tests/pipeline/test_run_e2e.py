@@ -145,3 +145,20 @@ def test_debug_signal_hook_spec_is_checked():
         debug_signal_hook("warmup:1:1:INT")
     with pytest.raises(ConfigError, match="expected PHASE:EPOCH:STEP"):
         debug_signal_hook("sparse:1:1:NOPE")
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_one_shot_data_aware_method_with_zero_epochs_trains_nothing(tmp_path, tiny_config, capsys, method):
+    run = tmp_path / "run"
+    cfg = tiny_config(sparsity__method=method, sparsity__epochs=0)
+    assert main(["run", str(cfg), "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    m = _manifest(run)
+    assert m["sparsity"]["calibration_batches"] == 8 and m["sparsity"]["method"] == method
+    assert not any(h.get("phase") == "sparse" for h in m["history"])
+    assert m["verify"]["passed"] and m["metrics"]["pattern_coverage"] == 1.0
+    assert main(["inspect", str(run / "model.onnx"), "--pattern", "2:4"]) == 0
+
+
+def test_zero_epochs_need_a_one_shot_method(tmp_path, tiny_config, capsys):
+    assert main(["check", str(tiny_config(sparsity__epochs=0))]) == 2
+    assert "sparsity.epochs" in capsys.readouterr().err  # optg (sigmoid) trains its mask: 0 epochs is refused
