@@ -6,10 +6,12 @@ Exit codes (stable, for release scripts): 0 ok; 2 config or usage error; 3 a gat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 from pipeline.exit_codes import EXIT_ERROR, EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
@@ -143,6 +145,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         shutdown()
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what is written to stdout (Python's `print`, and file descriptor 1 itself: C
+    libraries, child processes) to stderr while the block runs."""
+    sys.stdout.flush()
+    try:
+        fd, err = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stream (a test's capture): Python level only
+        fd = err = None
+    saved = os.dup(fd) if fd is not None else None
+    if fd is not None and err is not None:
+        os.dup2(err, fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None and fd is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def _run_here(args: argparse.Namespace, cfg, info) -> int:
     """Run the pipeline in this process (one rank of it under torchrun)."""
     from pipeline.runner import Runner, RunOptions
@@ -154,7 +178,8 @@ def _run_here(args: argparse.Namespace, cfg, info) -> int:
                          command=[sys.argv[0], *args.argv])
     runner = Runner(cfg, options)
     try:
-        manifest = runner.execute()
+        with stdout_to_stderr():  # stdout carries the JSON summary alone, whatever a plugin prints
+            manifest = runner.execute()
     except GateFailure as exc:
         print(f"optg: gate failed ({exc.gate}): {exc}", file=sys.stderr)
         print(f"optg: see {runner.run.path / 'report.md'} and manifest.json", file=sys.stderr)

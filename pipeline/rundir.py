@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import fcntl
 import io
 import json
 import os
@@ -54,6 +55,9 @@ def versions() -> dict[str, str]:
             "onnxruntime": version("onnxruntime"), "optg-pipeline": version("optg-pipeline")}
 
 
+_HELD: dict[str, list[int]] = {}  # lock file -> [fd, how many RunDirs of this process hold it]
+
+
 class RunDir:
     """A run directory: `manifest.json`, `config.yaml`, artifacts, `checkpoints/`.
 
@@ -70,6 +74,7 @@ class RunDir:
         self._reasons: list[str] = []
         self.new_reruns: list[Rerun] = []  # what this open decided to redo, and why
         self.current_stage: str | None = None  # set by the runner: the stage add_artifact credits
+        self._locked = False  # holds a share of this process's flock on the directory
 
     @property
     def manifest(self) -> Manifest:
@@ -89,6 +94,8 @@ class RunDir:
         checked; a stage whose file changed or vanished is redone (see `check_artifacts`).
         """
         self._check_writable()
+        if self.writer:
+            self.lock()
         if self.manifest_path.exists() or self.manifest_path.is_symlink():
             old = self._read_manifest(force)
             if old is not None and not force:
@@ -130,6 +137,55 @@ class RunDir:
             self._manifest.fingerprints = dict(fingerprints)
         self.save()
         return False
+
+    @property
+    def lock_path(self) -> Path:
+        """Beside the directory, not in it: `--force` clears the directory, never the lock."""
+        return self.path.parent / f".{self.path.name}.optg-lock"
+
+    def lock(self) -> None:
+        """Hold an exclusive `flock` on the run directory for this process's life (the other
+        ranks of a torchrun job work under rank 0's). A directory in use by a live run of
+        another process is a RunDirConflict naming its PID and start time; a lock left by a
+        killed process is free, since the kernel drops a flock with its holder. Within one
+        process the lock is shared (counted), so reopening a directory there is not refused."""
+        if self._locked:
+            return
+        key = str(self.lock_path.absolute())
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self._locked = True
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirConflict(f"cannot create the lock {self.lock_path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirConflict(f"run directory {self.path} is in use by another optg run ({holder}); wait for it "
+                                 "to finish, or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {_now()}".encode(), 0)
+        _HELD[key] = [fd, 1]
+        self._locked = True
+
+    def unlock(self) -> None:
+        """Release this directory's share of the lock (the process ending releases it too)."""
+        if not self._locked:
+            return
+        self._locked = False
+        key = str(self.lock_path.absolute())
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            os.close(held[0])
+            del _HELD[key]
 
     def adopt(self, manifest: dict) -> None:
         """Take the manifest rank 0 opened (a non-writer never reads the directory itself)."""

@@ -140,7 +140,14 @@ class Runner:
 
     # ------------------------------------------------------------------ main
     def execute(self) -> Manifest:
-        """Run every stage not yet done. Raises GateFailure / StageError after recording them."""
+        """Run every stage not yet done. Raises GateFailure / StageError after recording them.
+        The run directory is locked (`RunDir.lock`) from opening it until this returns."""
+        try:
+            return self._execute()
+        finally:
+            self.run.unlock()
+
+    def _execute(self) -> Manifest:
         cfg, info = self.cfg, self.options.dist
         resolved = resolved_dict(cfg)
         resumed = self._open(resolved)
