@@ -35,6 +35,7 @@ from pydantic import (
 
 from stages.bake import BakedLayer
 from stages.export import ExportResult
+from stages.onnx_eval import FileMetric
 from stages.train import EpochRecord
 from stages.verify import VerifyResult
 
@@ -112,6 +113,7 @@ class Metrics(_Growing):
     perplexity_increase: float | None = None  # relative: sparse / dense - 1
     nonzero_params: int | None = None
     parity_max_abs_error: float | None = None
+    onnx: list[FileMetric] = Field(default_factory=list)  # each shipped file's metric in ONNX Runtime
     pattern_coverage: float | None = None  # share of the file's weight MACs on weights holding the N:M pattern
     latency: dict[str, Any] | None = None  # stages.benchmark.LatencyResult.to_dict()
 

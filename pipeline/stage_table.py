@@ -30,12 +30,13 @@ from pipeline.rundir import RunDir
 from stages import bake as bake_stage
 from stages import benchmark as benchmark_stage
 from stages import hf as hf_stage
+from stages import onnx_eval
 from stages import report as report_stage
 from stages import sparsify as sparsify_stage
 from stages import structured as structured_stage
 from stages import validate as validate_stage
 from stages import verify as verify_stage
-from stages.base import StageConfigError, StageError
+from stages.base import GateFailure, StageConfigError, StageError
 from stages.data import DataBundle, TextContext, load_data
 from stages.export import export_onnx
 from stages.io import atomic_torch_save, atomic_write, atomic_write_json, safe_torch_load
@@ -407,6 +408,34 @@ def run_verify(ctx: RunContext) -> None:
     verify_stage.raise_on_failure(result)
 
 
+def run_onnx_validate(ctx: RunContext) -> None:
+    """Every shipped ONNX file through ONNX Runtime over the whole test split; the run's gate
+    applies to the worst of them (exit 3 naming the file)."""
+    manifest, metric = ctx.run.manifest, ctx.task.metric
+    if manifest.export is None:
+        raise StageError("onnx_validate needs the export stage's result, and the manifest has none")
+    export = manifest.export.result(ctx.run.path)
+    files = [Path(export.path)] + ([Path(export.compact_path)] if export.compact_path is not None else [])
+    pytorch = getattr(manifest.metrics, f"sparse_{metric.gates}")
+    rows = []
+    for path in files:
+        value = onnx_eval.evaluate_onnx(path, ctx.bundle, ctx.task, batch_size=ctx.cfg.data.eval_batch_size)
+        rows.append(onnx_eval.FileMetric(
+            file=path.name, dtype=export.dtype, metric=metric.name, value=value, pytorch=pytorch,
+            difference=None if value is None or pytorch is None else value - pytorch))
+        ctx.log(f"[onnx_validate] {path.name} ({export.dtype}): test {metric.name} {value:.4f} in ONNX Runtime"
+                + (f", PyTorch {pytorch:.4f}" if pytorch is not None else "") if value is not None else
+                f"[onnx_validate] {path.name}: empty test split")
+    manifest.metrics.onnx = rows
+    bad = onnx_eval.worst(rows, metric.higher_is_better)
+    if bad is None or bad.value is None:
+        return
+    dense = getattr(manifest.metrics, f"dense_{metric.gates}")
+    result = validate_stage.validate(bad.value, dense, ctx.cfg.validate, metric)
+    if not result.passed:
+        raise GateFailure(metric.gates, f"{bad.file} (ONNX Runtime, whole test split): ", problems=result.failures)
+
+
 def run_reference_onnx(ctx: RunContext) -> None:
     """The latency reference: the dense model (after the dense phase / pretrained load, before
     structured pruning and sparse training) exported exactly like the final model."""
@@ -571,6 +600,8 @@ STAGES: tuple[Stage, ...] = (
           redoable=True, all_ranks=False),
     Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify", inputs=("verify",),
           redoable=True, all_ranks=False),
+    Stage("onnx_validate", run_onnx_validate, enabled=lambda c: c.export.enabled, section="validate",
+          inputs=("validate",), redoable=True, all_ranks=False),
     Stage("benchmark", run_benchmark, enabled=lambda c: c.benchmark_active, section="validate",
           inputs=("benchmark",), redoable=True, all_ranks=False),
     Stage("report", run_report, epilogue=True, section="report", inputs=("report",), redoable=True,

@@ -103,16 +103,19 @@ def test_stage_errors_name_fields_under_the_stage_section(tmp_path):
 
 def test_the_pipeline_table():
     assert [s.name for s in STAGES] == ["data", "model", "train", "reference", "reference_onnx", "structured",
-                                        "sparsify", "bake", "validate", "export", "verify", "benchmark", "report"]
+                                        "sparsify", "bake", "validate", "export", "verify", "onnx_validate",
+                                        "benchmark", "report"]
     assert [s.name for s in STAGES if s.epilogue] == ["report"]
     assert {s.name for s in STAGES if s.state == "weights"} == {"train", "sparsify", "bake"}
     sections = {s.name: s.section for s in STAGES if s.section}
     assert sections["train"] == "train" and sections["sparsify"] == "sparsity" and sections["validate"] == "validate"
     plain = validate_config(CONFIG)
     assert [s.name for s in STAGES if s.enabled(plain)] == ["data", "model", "reference_onnx", "sparsify", "bake",
-                                                             "validate", "export", "verify", "benchmark", "report"]
+                                                             "validate", "export", "verify", "onnx_validate", "benchmark",
+                                                             "report"]
     full = validate_config({**CONFIG, "train": {"epochs": 1}, "verify": {"enabled": False},
                             "benchmark": {"enabled": False}, "structured": {"ratio": 0.5}})
     assert [s.name for s in STAGES if s.enabled(full)] == ["data", "model", "train", "reference", "structured",
-                                                            "sparsify", "bake", "validate", "export", "report"]
+                                                            "sparsify", "bake", "validate", "export", "onnx_validate",
+                                                            "report"]
     assert {s.name: s.state for s in STAGES if s.restore}["structured"] == "architecture"  # restores beside weights
