@@ -286,6 +286,13 @@ with warnings.catch_warnings():
             if self.validate.max_latency_ratio is not None and not self.benchmark_active:
                 errors.append("validate.max_latency_ratio needs the benchmark stage: benchmark.enabled and "
                               "export.enabled (it times the exported file)")
+            if self.validate.max_quantized_drop is not None:
+                if not (self.export.enabled and self.export.quantize == "int8"):
+                    errors.append("validate.max_quantized_drop gates the INT8 file: set export.quantize: int8 "
+                                  "(with export.enabled)")
+                elif not has_reference:
+                    errors.append("validate.max_quantized_drop needs a dense reference: add a `train` (dense) "
+                                  "phase or `model.weights`")
             if errors:
                 raise ValueError("; ".join(errors))
             return self

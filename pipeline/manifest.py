@@ -118,6 +118,19 @@ class Metrics(_Growing):
     latency: dict[str, Any] | None = None  # stages.benchmark.LatencyResult.to_dict()
 
 
+class QuantizationRecord(_Record):
+    """`export.quantize: int8`: the INT8 QDQ file, how it was calibrated, and per weighted GEMM
+    whether it is INT8 in, INT8 weight (zero point 0) and INT8 out (`stages.quantize`)."""
+
+    file: str
+    bytes: int
+    seconds: float
+    library: str
+    calibration_batches: int
+    calibration_method: str
+    layers: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class ExportRecord(_Record):
     """The export result as stored: file names relative to the run directory."""
 
@@ -132,6 +145,7 @@ class ExportRecord(_Record):
     compact_file: str | None = None
     inputs: list[str] = Field(default_factory=list)
     outputs: list[str] = Field(default_factory=list)
+    quantization: QuantizationRecord | None = None
 
     @classmethod
     def of(cls, result: ExportResult, run_dir: Path) -> "ExportRecord":

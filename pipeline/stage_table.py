@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,12 +26,13 @@ from torch import nn
 import optg
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.distributed import DistInfo, broadcast_object
-from pipeline.manifest import DataSummary, Deployment, ExportRecord, Manifest
+from pipeline.manifest import DataSummary, Deployment, ExportRecord, Manifest, QuantizationRecord
 from pipeline.rundir import RunDir
 from stages import bake as bake_stage
 from stages import benchmark as benchmark_stage
 from stages import hf as hf_stage
 from stages import onnx_eval
+from stages import quantize as quantize_stage
 from stages import report as report_stage
 from stages import sparsify as sparsify_stage
 from stages import structured as structured_stage
@@ -38,7 +40,7 @@ from stages import validate as validate_stage
 from stages import verify as verify_stage
 from stages.base import GateFailure, StageConfigError, StageError
 from stages.data import DataBundle, TextContext, load_data
-from stages.export import export_onnx
+from stages.export import ExportResult, export_onnx
 from stages.io import atomic_torch_save, atomic_write, atomic_write_json, safe_torch_load
 from stages.model import build_model
 from stages.tasks import Task, export_view, resolve_task
@@ -390,6 +392,34 @@ def run_export(ctx: RunContext) -> None:
     manifest.export = ExportRecord.of(result, ctx.run.path)
     for note in result.warnings:
         ctx.log(f"[export] note: {note}")
+    if ctx.cfg.export.quantize == "int8":
+        manifest.export.quantization = _export_int8(ctx, result, example, names, axes, metadata)
+
+
+def _export_int8(ctx: RunContext, result: ExportResult, example: list[torch.Tensor], names: list[str],
+                 axes: list[dict[int, str]], metadata: dict[str, str]) -> QuantizationRecord:
+    """model.int8.onnx from the fp32 graph (model.onnx itself, or for an fp16 export a staged
+    fp32 export that is removed afterwards), calibrated on the first training batches."""
+    cfg = ctx.cfg.export
+    dest = ctx.run.path / "model.int8.onnx"
+    with tempfile.TemporaryDirectory(dir=ctx.run.path, prefix=".fp32-") as tmp:
+        source = result
+        if result.dtype != "fp32":
+            fp32 = cfg.model_copy(update={"dtype": "fp32", "compact": False, "quantize": "none"})
+            with export_view(ctx.model, ctx.task) as view:
+                source = export_onnx(view, example, Path(tmp) / "model.fp32.onnx", fp32, metadata, input_names=names,
+                                     dynamic_axes=axes, dense_weights=_dense_weights(ctx))
+        feeds = onnx_eval.calibration_feeds(ctx.bundle, ctx.task, source.inputs, cfg.calibration_batches,
+                                            ctx.cfg.data.batch_size)
+        quantized = quantize_stage.quantize_int8(source.path, dest, feeds, cfg.calibration_method)
+    ctx.run.add_artifact("model.int8.onnx", dest)
+    form = sum(layer.sparse_int8_form for layer in quantized.layers)
+    ctx.log(f"[export] model.int8.onnx: {form}/{len(quantized.layers)} weighted GEMMs INT8 in, weight and out; "
+            f"{len(feeds)} calibration batches ({cfg.calibration_method}), {quantized.seconds:.1f} s")
+    return QuantizationRecord(file=dest.name, bytes=dest.stat().st_size, seconds=quantized.seconds,
+                              library=quantized.library, calibration_batches=len(feeds),
+                              calibration_method=cfg.calibration_method,
+                              layers=[layer.to_dict() for layer in quantized.layers])
 
 
 def run_verify(ctx: RunContext) -> None:
@@ -402,6 +432,10 @@ def run_verify(ctx: RunContext) -> None:
     with export_view(ctx.model, ctx.task) as view:
         result = verify_stage.verify_onnx(manifest.export.result(ctx.run.path), view, _feeds(ctx),
                                           expectations, ctx.cfg.verify)
+    if manifest.export.quantization is not None:
+        failures, result.quantized = verify_stage.verify_int8(ctx.run.path / manifest.export.quantization.file)
+        result.failures += failures
+        result.passed = not result.failures
     manifest.verify = result
     manifest.metrics.parity_max_abs_error = result.parity_max_abs_error
     manifest.metrics.pattern_coverage = result.pattern_coverage
@@ -415,25 +449,32 @@ def run_onnx_validate(ctx: RunContext) -> None:
     if manifest.export is None:
         raise StageError("onnx_validate needs the export stage's result, and the manifest has none")
     export = manifest.export.result(ctx.run.path)
-    files = [Path(export.path)] + ([Path(export.compact_path)] if export.compact_path is not None else [])
+    files: list[tuple[Path, str]] = [(Path(export.path), export.dtype)]
+    if export.compact_path is not None:
+        files.append((Path(export.compact_path), export.dtype))
+    if manifest.export.quantization is not None:
+        files.append((ctx.run.path / manifest.export.quantization.file, "int8"))
     pytorch = getattr(manifest.metrics, f"sparse_{metric.gates}")
     rows = []
-    for path in files:
+    for path, dtype in files:
         value = onnx_eval.evaluate_onnx(path, ctx.bundle, ctx.task, batch_size=ctx.cfg.data.eval_batch_size)
         rows.append(onnx_eval.FileMetric(
-            file=path.name, dtype=export.dtype, metric=metric.name, value=value, pytorch=pytorch,
+            file=path.name, dtype=dtype, metric=metric.name, value=value, pytorch=pytorch,
             difference=None if value is None or pytorch is None else value - pytorch))
-        ctx.log(f"[onnx_validate] {path.name} ({export.dtype}): test {metric.name} {value:.4f} in ONNX Runtime"
+        ctx.log(f"[onnx_validate] {path.name} ({dtype}): test {metric.name} {value:.4f} in ONNX Runtime"
                 + (f", PyTorch {pytorch:.4f}" if pytorch is not None else "") if value is not None else
                 f"[onnx_validate] {path.name}: empty test split")
     manifest.metrics.onnx = rows
-    bad = onnx_eval.worst(rows, metric.higher_is_better)
-    if bad is None or bad.value is None:
-        return
     dense = getattr(manifest.metrics, f"dense_{metric.gates}")
-    result = validate_stage.validate(bad.value, dense, ctx.cfg.validate, metric)
-    if not result.passed:
-        raise GateFailure(metric.gates, f"{bad.file} (ONNX Runtime, whole test split): ", problems=result.failures)
+    for quantized in (False, True):
+        bad = onnx_eval.worst([r for r in rows if (r.dtype == "int8") == quantized], metric.higher_is_better)
+        if bad is None or bad.value is None:
+            continue
+        gate = validate_stage.validate_quantized if quantized else validate_stage.validate
+        result = gate(bad.value, dense, ctx.cfg.validate, metric)
+        if not result.passed:
+            raise GateFailure(metric.gates, f"{bad.file} (ONNX Runtime, whole test split): ",
+                              problems=result.failures)
 
 
 def run_reference_onnx(ctx: RunContext) -> None:
@@ -539,11 +580,20 @@ def run_benchmark(ctx: RunContext) -> None:
                                              cfg.sequence_lengths or [int(bundle.input_shape[0])])
     result = benchmark_stage.measure_latency(ctx.run.path / "reference.onnx", ctx.run.path / manifest.export.file,
                                              bundle.input_shape, cfg, tokens)
-    manifest.metrics.latency = result.to_dict()
-    for row in result.rows:
-        at = f" sequence {row.sequence_length}" if row.sequence_length is not None else ""
-        ctx.log(f"[benchmark] {row.provider} batch {row.batch_size}{at}: reference {row.reference_ms:.3f} ms, "
-                f"final {row.candidate_ms:.3f} ms, ratio {row.ratio:.3f} ({result.threads} thread(s))")
+    latency = result.to_dict()
+    timed = [("model.onnx", result)]
+    if manifest.export.quantization is not None:  # the INT8 file's ORT CPU latency joins the table
+        int8 = benchmark_stage.measure_latency(ctx.run.path / "reference.onnx",
+                                               ctx.run.path / manifest.export.quantization.file,
+                                               bundle.input_shape, cfg, tokens)
+        latency["int8"] = int8.to_dict()
+        timed.append((manifest.export.quantization.file, int8))
+    manifest.metrics.latency = latency
+    for file, measured in timed:
+        for row in measured.rows:
+            at = f" sequence {row.sequence_length}" if row.sequence_length is not None else ""
+            ctx.log(f"[benchmark] {row.provider} batch {row.batch_size}{at}: reference {row.reference_ms:.3f} ms, "
+                    f"{file} {row.candidate_ms:.3f} ms, ratio {row.ratio:.3f} ({measured.threads} thread(s))")
     validate_stage.check_latency(result.max_ratio(), ctx.cfg.validate)
 
 
@@ -570,8 +620,16 @@ def _report_sections(m: Manifest) -> list[str]:
     sections = []
     if m.structured is not None:
         sections.append(structured_stage.render_structured_markdown(m.structured))
+    if m.metrics.onnx:
+        sections.append(onnx_eval.render_files_markdown(m.metrics.onnx))
+    if m.export is not None and m.export.quantization is not None and m.verify is not None:
+        q = m.export.quantization
+        sections.append(quantize_stage.render_placement_markdown(q.file, m.verify.quantized, q.calibration_method,
+                                                                 q.calibration_batches))
     if m.metrics.latency is not None:
         sections.append(benchmark_stage.render_latency_markdown(m.metrics.latency))
+        if isinstance(m.metrics.latency.get("int8"), dict):
+            sections.append(benchmark_stage.render_latency_markdown(m.metrics.latency["int8"], "model.int8.onnx"))
     return sections
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from stages.base import StageError, StrictModel, eval_mode
@@ -60,6 +60,11 @@ class ExportConfig(StrictModel):
     output_name: str = "logits"
     compact: bool = False
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: also write model.int8.onnx, a calibrated static INT8 QDQ form placed for sparse "
+        "INT8 kernels (stages.quantize)")
+    calibration_batches: int = Field(8, ge=1, description="training batches that calibrate the int8 activations")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
 
     @field_validator("opset")
     @classmethod

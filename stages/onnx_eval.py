@@ -51,9 +51,34 @@ def evaluate_onnx(path: Path, bundle: DataBundle, task: Task, split: str = "test
     return task.metric_value(sums.tolist())
 
 
+def calibration_feeds(bundle: DataBundle, task: Task, inputs: list[dict], batches: int,
+                      batch_size: int) -> list[dict[str, np.ndarray]]:
+    """The first `batches` training batches (unshuffled: the same on every rerun) as ONNX feeds,
+    named and typed after the file's graph inputs (`stages.export.graph_io` specs)."""
+    feeds: list[dict[str, np.ndarray]] = []
+    for batch in bundle.loader("train", batch_size, shuffle=False):
+        if len(feeds) == batches:
+            break
+        feeds.append({spec["name"]: t.detach().cpu().numpy().astype(spec["dtype"], copy=False)
+                      for spec, t in zip(inputs, task.inputs(batch))})
+    return feeds
+
+
 def worst(rows: list[FileMetric], higher_is_better: bool) -> FileMetric | None:
     """The file with the worst metric (None when no file has a value)."""
     valued = [(r.value, r) for r in rows if r.value is not None]
     if not valued:
         return None
     return min(valued, key=lambda pair: pair[0] if higher_is_better else -pair[0])[1]
+
+
+def render_files_markdown(rows: list[FileMetric]) -> str:
+    """report.md's table of the shipped files' metric in ONNX Runtime."""
+    lines = ["## Shipped files in ONNX Runtime (whole test split)", "",
+             "| file | dtype | metric | ONNX Runtime | PyTorch | difference |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        def cell(v: float | None, signed: bool = False) -> str:
+            return "-" if v is None else (f"{v:+.4f}" if signed else f"{v:.4f}")
+        lines.append(f"| {r.file} | {r.dtype} | {r.metric} | {cell(r.value)} | {cell(r.pytorch)} | "
+                     f"{cell(r.difference, True)} |")
+    return "\n".join(lines) + "\n"

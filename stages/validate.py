@@ -29,6 +29,10 @@ class ValidateConfig(StrictModel):
     max_perplexity_increase: float | None = Field(
         None, ge=0, description="relative: 0.05 = sparse perplexity at most 5% above the dense model's")
     max_perplexity: float | None = Field(None, ge=1, description="absolute bound on the sparse perplexity")
+    max_quantized_drop: float | None = Field(
+        None, ge=0, description="the INT8 file's (export.quantize: int8) own relative gate against the dense model, "
+        "in the task's unit: accuracy points (0.01 = one point) or relative perplexity increase; unset: the INT8 "
+        "file is held to the run's own gates")
     max_latency_ratio: float | None = Field(
         None, gt=0, description="worst ONNX Runtime CPU latency ratio final / dense reference over the "
         "benchmark's batch sizes; checked by the benchmark stage (after export), exit 3 when above")
@@ -103,6 +107,19 @@ def validate(sparse: float, dense: float | None, cfg: ValidateConfig, metric: Me
         failures.append(FieldProblem("min_accuracy", (
             f"sparse accuracy {sparse:.4f} is below {{field}}={cfg.min_accuracy}")))
     return ValidateResult(dense, sparse, change, failures, metric)
+
+
+def validate_quantized(quantized: float, dense: float | None, cfg: ValidateConfig,
+                       metric: Metric = ACCURACY) -> ValidateResult:
+    """The INT8 file's gates: the run's own, with `max_quantized_drop` (when set) in place of the
+    task's relative gate (`max_accuracy_drop` / `max_perplexity_increase`), named as itself."""
+    if cfg.max_quantized_drop is None:
+        return validate(quantized, dense, cfg, metric)
+    relative = GATES[metric.gates][0]
+    result = validate(quantized, dense, cfg.model_copy(update={relative: cfg.max_quantized_drop}), metric)
+    result.failures = [FieldProblem("max_quantized_drop", p.text) if p.field == relative else p
+                       for p in result.failures]
+    return result
 
 
 def raise_on_failure(result: ValidateResult) -> None:

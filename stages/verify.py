@@ -92,6 +92,9 @@ class VerifyResult(BaseModel):
     # the share of the file's Conv/Gemm/MatMul weight MACs on weights holding the run's N:M
     # pattern (None for an unstructured run or a file without weight MACs)
     pattern_coverage: float | None = None
+    # export.quantize int8: per weighted GEMM of model.int8.onnx, its Q/DQ placement
+    # (`stages.quantize.QdqLayer.to_dict`) and the N:M read back through DequantizeLinear
+    quantized: list[dict[str, Any]] = Field(default_factory=list)
 
     @classmethod
     def of(cls, failures: list[str], outputs: list[dict], layers: list[dict], notes: list[str]) -> "VerifyResult":
@@ -206,6 +209,36 @@ def verify_onnx(export: ExportResult, model: nn.Module,
     result = VerifyResult.of(failures, outputs, layers, notes)
     result.pattern_coverage = coverage(proto, weights)
     return result
+
+
+def verify_int8(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The INT8 QDQ file's checks: inspect's N:M rule on the weights read back through
+    DequantizeLinear (zero point 0 keeps zeros zero), and every weighted GEMM that must hold the
+    pattern in the INT8-in, INT8-weight, INT8-out form TensorRT's sparse INT8 kernels need.
+    Returns (failures prefixed by their gate, one row per weighted GEMM)."""
+    from stages.quantize import qdq_placement
+
+    proto = load_model(path)
+    weights = collect_weights(proto, base_dir=str(path.parent))
+    failures = [f"{PATTERN}: {f}" for f in _inspect_failures(proto, weights, {}, path.name)]
+    props = {p.key: p.value for p in proto.metadata_props}
+    nm = _nm_or_none(props.get("optg.pattern", ""))
+    exempt = dense_exemptions(proto)
+    by_node = {w.node: w for w in weights if w.input_index == 1}
+    rows = []
+    for layer in qdq_placement(proto):
+        row = layer.to_dict()
+        w = by_node.get(layer.node)
+        required = w is not None and nm is not None and must_hold(w, nm[1], exempt)[0]
+        row["pattern_ok"] = None if w is None or nm is None else w.check(*nm).holds
+        row["required"] = required
+        rows.append(row)
+        if required and not layer.sparse_int8_form:
+            missing = [what for what, ok in (("INT8 in", layer.int8_in), ("INT8 weight with zero point 0",
+                                             layer.int8_weight), ("INT8 out", layer.int8_out)) if not ok]
+            failures.append(f"{PATTERN}: {path.name}: {layer.op} node {layer.node} (weight '{layer.weight}') is not "
+                            f"{', '.join(missing)}: TensorRT would run it with dense kernels")
+    return failures, rows
 
 
 def coverage(proto: onnx.ModelProto, weights: list[OnnxWeight]) -> float | None:

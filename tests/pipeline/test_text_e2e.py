@@ -125,6 +125,23 @@ def test_sequence_classification_run_on_a_jsonl_folder(tmp_path, capsys):
     assert main(["inspect", str(run / "model.onnx"), "--pattern", "2:4"]) == 0
 
 
+def test_causal_lm_int8_file_keeps_2_4_on_every_projection(tmp_path, lm_data, capsys):
+    folder = save_folder(tmp_path / "model", llama_config(), "AutoModelForCausalLM")
+    path = write_config(tmp_path / "lm.yaml", _causal(folder, lm_data, export={"quantize": "int8"}))
+    run = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    m = _manifest(run)
+    rows = m["verify"]["quantized"]
+    required = [r for r in rows if r["required"]]  # q, k, v, o, gate, up, down per layer; lm_head dense
+    assert len(required) == 7 * llama_config().num_hidden_layers and len(rows) == len(required) + 1
+    assert all(r["op"] == "MatMul" and r["sparse_int8_form"] for r in rows)
+    assert all(r["pattern_ok"] for r in required)
+    files = {r["file"]: r for r in m["metrics"]["onnx"]}
+    assert files["model.int8.onnx"]["metric"] == "perplexity" and files["model.int8.onnx"]["value"] > 1
+    capsys.readouterr()
+    assert main(["inspect", str(run / "model.int8.onnx"), "--pattern", "2:4"]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["text_quickstart.yaml", "text_classify.yaml"])
 def test_shipped_text_configs_run_shortened(tmp_path, name, capsys):
     run = tmp_path / "run"
