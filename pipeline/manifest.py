@@ -204,6 +204,9 @@ class Deployment(_Record):
     class_names: list[str] | None = None
     preprocessing: dict[str, Any] | None = None
     tokenizer: list[str] | None = None  # the tokenizer files in the run directory that feed `input_ids`
+    # per shipped ONNX file, the trtexec command that builds its sparse engine, for TensorRT 10
+    # and 11 (`stages.tensorrt.engine_commands`: file, dtype, tensorrt10, tensorrt11)
+    tensorrt: list[dict[str, str]] = Field(default_factory=list)
 
 
 class ErrorRecord(_Growing):

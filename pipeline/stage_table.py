@@ -36,6 +36,7 @@ from stages import quantize as quantize_stage
 from stages import report as report_stage
 from stages import sparsify as sparsify_stage
 from stages import structured as structured_stage
+from stages import tensorrt as tensorrt_stage
 from stages import validate as validate_stage
 from stages import verify as verify_stage
 from stages.base import GateFailure, StageConfigError, StageError
@@ -392,8 +393,15 @@ def run_export(ctx: RunContext) -> None:
     manifest.export = ExportRecord.of(result, ctx.run.path)
     for note in result.warnings:
         ctx.log(f"[export] note: {note}")
+    shipped: list[tuple[str, str]] = [(result.path.name, result.dtype)]
     if ctx.cfg.export.quantize == "int8":
         manifest.export.quantization = _export_int8(ctx, result, example, names, axes, metadata)
+        shipped.append((manifest.export.quantization.file, "int8"))
+    lengths = ctx.cfg.benchmark.sequence_lengths or [int(bundle.input_shape[0])]
+    sequence = max(lengths) if ctx.task.text_layout is not None else None
+    manifest.deployment.tensorrt = [tensorrt_stage.engine_commands(file, dtype, result.inputs,
+                                                                   ctx.cfg.benchmark.batch_sizes, sequence)
+                                    for file, dtype in shipped]
 
 
 def _export_int8(ctx: RunContext, result: ExportResult, example: list[torch.Tensor], names: list[str],
@@ -626,6 +634,8 @@ def _report_sections(m: Manifest) -> list[str]:
         q = m.export.quantization
         sections.append(quantize_stage.render_placement_markdown(q.file, m.verify.quantized, q.calibration_method,
                                                                  q.calibration_batches))
+    if m.deployment is not None and m.deployment.tensorrt:
+        sections.append(tensorrt_stage.render_markdown(m.deployment.tensorrt))
     if m.metrics.latency is not None:
         sections.append(benchmark_stage.render_latency_markdown(m.metrics.latency))
         if isinstance(m.metrics.latency.get("int8"), dict):

@@ -36,6 +36,10 @@ def test_int8_file_is_shipped_placed_verified_and_measured(tmp_path, tiny_config
     int8_latency = m["metrics"]["latency"]["int8"]  # the INT8 file joins the latency table
     assert int8_latency["rows"] and all(r["candidate_ms"] > 0 for r in int8_latency["rows"])
     assert "reference.onnx vs model.int8.onnx" in report
+    trt = {c["file"]: c for c in m["deployment"]["tensorrt"]}  # the engine-build step, per shipped file
+    assert set(trt) == {"model.onnx", "model.int8.onnx"}
+    assert trt["model.int8.onnx"]["tensorrt10"].startswith("trtexec --int8 --onnx=model.int8.onnx --sparsity=enable")
+    assert "--int8" not in trt["model.int8.onnx"]["tensorrt11"] and "## TensorRT engines" in report
 
 
 def test_a_disagreeing_int8_file_fails_its_gate_with_exit_3(tmp_path, tiny_config, capsys, monkeypatch):

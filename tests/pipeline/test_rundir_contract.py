@@ -133,7 +133,7 @@ def test_rerun_redoes_export_when_model_onnx_changed(finished, copy_of, capsys, 
     for art in m["artifacts"].values():
         assert sha256_file(run / art["path"]) == art["sha256"], art
     rerun = m["reruns"][-1]
-    assert rerun["stages"] == ["export", "verify", "benchmark", "report"] and rerun["reason"].startswith("model.onnx ")
+    assert rerun["stages"] == ["export", "verify", "onnx_validate", "benchmark", "report"] and rerun["reason"].startswith("model.onnx ")
     assert ("missing" if damage == "deleted" else "sha256") in rerun["reason"]
     assert m["stages"]["sparsify"] == before["stages"]["sparsify"]  # training not redone
     assert m["artifacts"]["model.safetensors"] == before["artifacts"]["model.safetensors"]
@@ -145,7 +145,7 @@ def test_rerun_rebakes_a_damaged_model_safetensors_to_the_same_bytes(finished, c
     (run / "model.safetensors").write_bytes(b"not weights")
     assert _run(cfg, run) == 0
     m = _manifest(run)
-    assert m["reruns"][-1]["stages"] == ["bake", "validate", "export", "verify", "benchmark", "report"]
+    assert m["reruns"][-1]["stages"] == ["bake", "validate", "export", "verify", "onnx_validate", "benchmark", "report"]
     assert m["artifacts"]["model.safetensors"]["sha256"] == before["artifacts"]["model.safetensors"]["sha256"]
     assert sha256_file(run / "model.safetensors") == before["artifacts"]["model.safetensors"]["sha256"]
 
@@ -159,7 +159,7 @@ def test_changing_validate_reruns_only_validate_export_verify_report(tmp_path, f
     cfg = _config(tmp_path / "changed.yaml", validate={"max_accuracy_drop": 0.6})
     assert _run(cfg, copy_of) == 0, capsys.readouterr().err
     m = _manifest(copy_of)
-    assert m["reruns"][-1]["stages"] == ["validate", "export", "verify", "benchmark", "report"]
+    assert m["reruns"][-1]["stages"] == ["validate", "export", "verify", "onnx_validate", "benchmark", "report"]
     assert "validate.max_accuracy_drop" in m["reruns"][-1]["reason"]
     for stage in ("data", "model", "train", "reference", "sparsify", "bake"):
         assert stage not in m["reruns"][-1]["stages"]
@@ -209,7 +209,7 @@ def test_external_data_sidecar_is_atomic_and_hashed(tmp_path, copy_of, monkeypat
     cfg = _config(tmp_path / "opset.yaml", export={"opset": 17})
     assert _run(cfg, copy_of) == 0
     m = _manifest(copy_of)
-    assert m["reruns"][-1]["stages"] == ["export", "verify", "benchmark", "report"] and m["verify"]["passed"] is True
+    assert m["reruns"][-1]["stages"] == ["export", "verify", "onnx_validate", "benchmark", "report"] and m["verify"]["passed"] is True
     sidecar = m["artifacts"]["model.onnx.data"]
     assert sidecar["stage"] == "export" and sha256_file(copy_of / sidecar["path"]) == sidecar["sha256"]
     model = onnx.load(str(copy_of / "model.onnx"), load_external_data=False)

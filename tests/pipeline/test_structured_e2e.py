@@ -51,7 +51,7 @@ def test_structured_then_24_run_holds_24_and_rebuilds_from_the_plan(tmp_path, ti
     assert main(["run", str(_config(tiny_config)), "--out", str(run), "--quiet"]) == 0
     m = _manifest(run)
     assert list(m["stages"]) == ["data", "model", "train", "reference", "reference_onnx", "structured", "sparsify",
-                                 "bake", "validate", "export", "verify", "benchmark", "report"]
+                                 "bake", "validate", "export", "verify", "onnx_validate", "benchmark", "report"]
     s = m["structured"]
     assert s["params"]["after"] < s["params"]["before"] and 0 < s["macs"]["reduction"] < 1
     channels = s["channels"]
