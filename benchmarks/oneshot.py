@@ -25,6 +25,9 @@ CELLS: dict[str, list[str]] = {
     "wanda + fine-tune": ["sparsity.method=wanda"],
     "sparsegpt + fine-tune": ["sparsity.method=sparsegpt"],
     "optg (pretrained default)": ["sparsity.method=optg"],
+    "optg (score_init sparsegpt)": ["sparsity.method=optg", "sparsity.score_init=sparsegpt"],
+    "optg (score_init wanda)": ["sparsity.method=optg", "sparsity.score_init=wanda"],
+    "optg (bf16 scores)": ["sparsity.method=optg", "sparsity.score_dtype=bfloat16"],
 }
 
 

@@ -43,13 +43,18 @@ def create(spec_or_method: SparsitySpec | str, model: nn.Module, *, steps_per_ep
         except ValidationError as exc:
             raise ValueError("invalid sparsity settings:\n  - " + "\n  - ".join(spec_problems(exc))) from None
     spec = spec.for_start(from_trained, steps_per_epoch)
+    if spec.score_init in ("wanda", "sparsegpt") and spec.start != "pretrained":
+        raise ValueError(f"score_init {spec.score_init!r} starts OptG from that one-shot method's mask of a trained "
+                         "model: it needs start 'pretrained' (or 'auto' with from_trained=True)")
     resolved = spec.resolve()
     plans = plan_layers(model, spec.selection, resolved.pattern, spec.allocation)
     if not any(p.kind != "dense" for p in plans):
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans) or "model has no Linear/Conv layers"
         raise ValueError(f"no layer can be sparsified ({reasons})")
-    if spec.method in ("wanda", "sparsegpt") or getattr(resolved.criterion, "bind", None) is not None:
-        problems = input_problems(spec.method, plans)
+    if spec.method in ("wanda", "sparsegpt") or getattr(resolved.criterion, "reads_inputs", False):
+        label = spec.method if spec.method in ("wanda", "sparsegpt") else \
+            f"{spec.method} (score_init {spec.score_init})"
+        problems = input_problems(label, plans)
         if problems:
             raise ValueError("; ".join(problems))
     freeze_from = spec.epochs - spec.freeze_scores_last if spec.freeze_scores_last and spec.epochs else None

@@ -110,6 +110,7 @@ def _run(model: nn.Module, batches: list[Any], loss_fn: LossFn) -> None:
 class _DataAware:
     learned = False
     needs_calibration = True
+    reads_inputs = True
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}

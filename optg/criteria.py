@@ -20,6 +20,8 @@ from optg.registry import Registry
 if TYPE_CHECKING:
     from optg.spec import SparsitySpec
 
+ScoreInit = Literal["zeros", "magnitude", "live", "wanda", "sparsegpt"]
+SCORE_INITS: tuple[str, ...] = ("zeros", "magnitude", "live", "wanda", "sparsegpt")
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """`loss_fn(model, batch)`: the scalar loss of `model` on one batch. The library never looks
 inside a batch; for `(x, y)` batches and a loss on logits, `optg.supervised(F.cross_entropy)`."""
@@ -65,20 +67,43 @@ class LearnedScores:
     `live`: the same prior, but of the current weights at every mask update: masks rank
     `s + scale * |w| / mean(|w0|)` with `s` the learned score (zero-initialised), so the prior
     follows the weights as they move (a pruned weight, which only decays, loses it).
+    `wanda` / `sparsegpt` (from trained weights): ranked like `live`, but the scores start where
+    the first mask is that one-shot method's mask: calibration runs the method (`optg.calibrated`;
+    SparseGPT also leaves its reconstructed weights, pruned ones exact zeros, as its one-shot
+    does) and sets `s0 = R - prior(w0)`, so that the first ranking is R: Wanda's
+    `scale * |W| ||X|| / mean(|W| ||X||)`, or for SparseGPT `scale * (|w| / mean|w0| + keep)`
+    (every kept weight above every pruned one). OptG learns from there.
     """
 
     learned = True
     needs_calibration = False
 
-    def __init__(self, init: Literal["zeros", "magnitude", "live"] = "zeros", scale: float = 1.0) -> None:
-        if init not in ("zeros", "magnitude", "live"):
-            raise ValueError(f"score init must be 'zeros', 'magnitude' or 'live', got {init!r}")
-        self.init, self.scale, self.unit = init, scale, 1.0
+    def __init__(self, init: ScoreInit = "zeros", scale: float = 1.0,
+                 dtype: torch.dtype = torch.float32, one_shot: Any = None) -> None:
+        """`one_shot`: for init `wanda` / `sparsegpt`, that criterion configured (the registered
+        `CRITERIA` entry built from the spec, so its settings such as SparseGPT's dampening apply);
+        None builds it with its defaults."""
+        if init not in SCORE_INITS:
+            raise ValueError(f"score init must be one of {', '.join(SCORE_INITS)}, got {init!r}")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"score dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        self.init, self.scale, self.unit, self.dtype = init, scale, 1.0, dtype
+        if init in ("wanda", "sparsegpt") and one_shot is None:
+            one_shot = CRITERIA.get(init)()
+        self.one_shot = one_shot
+        # a one-shot start reads each target's input: calibrate before the first mask
+        self.needs_calibration = self.reads_inputs = one_shot is not None
         self.tensors: dict[str, torch.Tensor] = {}
 
     @classmethod
     def build(cls, spec: SparsitySpec) -> LearnedScores:
-        return cls(init=spec.score_init, scale=spec.score_init_scale)
+        one_shot = None
+        if spec.score_init in ("wanda", "sparsegpt"):
+            method = CRITERIA.get(spec.score_init)
+            build = getattr(method, "build", None)
+            one_shot = build(spec) if callable(build) else method()
+        return cls(init=spec.score_init, scale=spec.score_init_scale, dtype=getattr(torch, spec.score_dtype),
+                   one_shot=one_shot)
 
     def setup(self, weights: dict[str, torch.Tensor], *, seed: int) -> None:
         self.unit = 1.0
@@ -86,7 +111,33 @@ class LearnedScores:
             total = sum(w.detach().abs().sum() for w in weights.values())
             count = sum(w.numel() for w in weights.values())
             self.unit = max(float(total) / count, torch.finfo(torch.float32).tiny)
-        self.tensors = {name: self._initial(w).requires_grad_(True) for name, w in weights.items()}
+        # the scores' dtype is their momentum's too (SGD keeps its buffer in the parameter's dtype)
+        self.tensors = {name: self._initial(w).to(self.dtype).requires_grad_(True) for name, w in weights.items()}
+
+    def bind(self, plans: dict[str, Any], modules: dict[str, nn.Module]) -> None:
+        """The targets' plans and owner modules, for a one-shot start that hooks their inputs."""
+        if self.one_shot is not None:
+            self.one_shot.bind(plans, modules)
+
+    def calibrate(self, model: nn.Module, weights: dict[str, torch.Tensor],
+                  batches: Iterable[Any], loss_fn: LossFn) -> int:
+        """`wanda` / `sparsegpt` start: run the method, then set the scores so that the first
+        ranking is the method's (see the class docstring)."""
+        method = self.one_shot
+        if method is None:
+            raise RuntimeError(f"score init {self.init!r} needs no calibration")
+        count: int = method.calibrate(model, weights, batches, loss_fn)
+        target: dict[str, torch.Tensor] = {}
+        if self.init == "wanda":
+            total = sum(t.sum() for t in method.tensors.values())
+            mean = max(float(total) / sum(t.numel() for t in method.tensors.values()), torch.finfo(torch.float32).tiny)
+            target = {n: t * (self.scale / mean) for n, t in method.tensors.items()}
+        else:  # SparseGPT's scores mark its kept weights (1) and its weights are updated in place
+            target = {n: self._prior(weights[n]) + self.scale * keep for n, keep in method.tensors.items()}
+        with torch.no_grad():
+            for name, scores in self.tensors.items():
+                scores.copy_(target[name] - self._prior(weights[name]))
+        return count
 
     def _initial(self, weight: torch.Tensor) -> torch.Tensor:
         if self.init != "magnitude":
@@ -98,8 +149,8 @@ class LearnedScores:
 
     def ranking(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """What masks rank: the learned scores, plus the live prior with init `live`."""
-        scores = self.tensors[name].detach()
-        return scores + self._prior(weight) if self.init == "live" else scores
+        scores = self.tensors[name].detach().float()  # bf16 scores rank in float32 (fewer ties)
+        return scores + self._prior(weight) if self.init in ("live", "wanda", "sparsegpt") else scores
 
     def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self.tensors[name]

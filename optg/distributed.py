@@ -24,6 +24,8 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     if world_size() == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
+    if flat.dtype in (torch.bfloat16, torch.float16):  # sum in float32 (and gloo has no bf16 sum)
+        flat = flat.float()
     dist.all_reduce(flat)
     offset = 0
     for t in tensors:

@@ -28,12 +28,13 @@ class _ScoreSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, mask)
+        ctx.scores_dtype = scores.dtype
         return weight * mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, mask = ctx.saved_tensors
-        return grad * mask, (grad * weight), None
+        return grad * mask, (grad * weight).to(ctx.scores_dtype), None
 
 
 def nm_magnitude_mask(weight: torch.Tensor, n: int, m: int, axis: int = 1) -> torch.Tensor:

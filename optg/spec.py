@@ -169,10 +169,15 @@ class SparsitySpec(BaseModel):
                                     "learning before the first prune; the schedule runs in the rest")
     score_lr_coupled: bool = Field(True, description="learned scores: lr follows p(e)/p_target (authors); "
                                    "False: lr = score_lr_factor * weight lr throughout")
-    score_init: Literal["zeros", "magnitude", "live"] = Field(
+    score_init: Literal["zeros", "magnitude", "live", "wanda", "sparsegpt"] = Field(
         "zeros", description="learned scores start at 0, or at score_init_scale * |w| / mean |w| over all "
-                             "targets (magnitude), or masks rank scores + that prior of the current weights (live)")
+                             "targets (magnitude), or masks rank scores + that prior of the current weights (live); "
+                             "wanda / sparsegpt (from trained weights): like live, with the scores set so that the "
+                             "first mask is that one-shot method's (calibrated on calibration_batches)")
     score_init_scale: float = Field(1.0, ge=0, description="magnitude prior: scale of |w| / mean |w|")
+    score_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="learned scores and their momentum: float32, or bfloat16 (half the bytes; see "
+                               "benchmarks/RESULTS.md for what it costs in accuracy)")
     score_normalization: Literal["none", "layer"] = Field(
         "none", description="ranking: raw scores, or each layer's scores / their mean |score|")
     max_swap_fraction: float | None = Field(None, ge=0, le=1, description="a mask update revives at most "
@@ -264,7 +269,7 @@ class SparsitySpec(BaseModel):
         """`calibration_batches`, or the method's default (8 for Wanda/SparseGPT, 4 otherwise)."""
         if self.calibration_batches is not None:
             return self.calibration_batches
-        return 8 if self.method in ("wanda", "sparsegpt") else 4
+        return 8 if self.method in ("wanda", "sparsegpt") or self.score_init in ("wanda", "sparsegpt") else 4
 
     def resolve(self) -> Resolved:
         """The plug-ins this spec names, built fresh (criteria hold per-run state), and its
@@ -431,7 +436,7 @@ def _resolve(spec: SparsitySpec) -> tuple[Resolved | None, list[Problem]]:
                                     spec.freeze_scores_last))
     if criterion is not None and not criterion.learned:
         for field in ("score_warmup_steps", "score_init", "score_init_scale", "score_lr_coupled",
-                      "score_normalization"):
+                      "score_normalization", "score_dtype"):
             if field in spec.model_fields_set and getattr(spec, field) != SparsitySpec.model_fields[field].default:
                 problems.append(Problem((field,), f"applies to learned scores; "
                                         f"{_label('criterion', spec.criterion, criterion_name)} has none",

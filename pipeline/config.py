@@ -278,6 +278,9 @@ with warnings.catch_warnings():
             has_reference = self.has_reference
             task = resolve_task(self.task)  # resolvable: the validator above ran first
             errors = gate_problems(self.validate, task.metric, task.name, has_reference)
+            if self.sparsity.score_init in ("wanda", "sparsegpt") and not has_reference:
+                errors.append(f"sparsity.score_init {self.sparsity.score_init!r} starts OptG from that one-shot "
+                              "method's mask of a trained model: add a `train` phase or `model.weights`")
             if self.sparsity.method == "oneshot" and not has_reference:
                 errors.append("sparsity.method 'oneshot' prunes a trained model: add a `train` phase or "
                               "`model.weights`")

@@ -33,8 +33,10 @@ class SparsityConfig(TrainConfig, optg.SparsitySpec):
 
 
 def plan(model: nn.Module, cfg: SparsityConfig) -> list[optg.LayerPlan]:
-    """The target-layer plan without touching the model; raises ValueError if nothing is sparsified."""
-    return _create(model, cfg, steps_per_epoch=1, seed=0).plans
+    """The target-layer plan without touching the model; raises ValueError if nothing is sparsified.
+    The plan does not depend on the start mode; planning as from trained weights lets a spec that
+    needs them (`score_init: sparsegpt`) be planned, the config check having required them."""
+    return _create(model, cfg, steps_per_epoch=1, seed=0, from_trained=True).plans
 
 
 def build_sparsifier(model: nn.Module, cfg: SparsityConfig, *, steps_per_epoch: int,
@@ -66,7 +68,7 @@ def settings_in_force(sparsifier: optg.Sparsifier, cfg: SparsityConfig, from_tra
     if getattr(sparsifier.criterion, "learned", False):
         settings.update({field: getattr(spec, field) for field in (
             "score_warmup_steps", "score_init", "score_init_scale", "score_lr_coupled", "score_lr_factor",
-            "score_normalization", "max_swap_fraction")})
+            "score_normalization", "score_dtype", "max_swap_fraction")})
     if getattr(sparsifier.criterion, "needs_calibration", False):
         settings["calibration_batches"] = cfg.calibration_batches_in_force
     settings["guard"] = spec.guard.model_dump() if spec.guard is not None else None

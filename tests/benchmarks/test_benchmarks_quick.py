@@ -97,8 +97,10 @@ def test_overhead_quick_writes_tables_and_json(overhead_out: Path) -> None:
     assert all(v > 0 for v in step["ratio_to_dense"].values())
     rules = {r["rule"] for r in report["mask_update"]}
     assert {"unstructured-90%", "2:4 at target", "2:4 mid-ramp"} <= rules
-    mem = report["memory"][0]
-    assert mem["scores_bytes"] == mem["targeted_weight_bytes"] == mem["momentum_bytes"]
+    fp32, bf16 = (next(r for r in report["memory"] if r["score_dtype"] == d) for d in ("float32", "bfloat16"))
+    assert fp32["scores_bytes"] == fp32["targeted_weight_bytes"] == fp32["momentum_bytes"]
+    assert bf16["scores_bytes"] * 2 == bf16["targeted_weight_bytes"] == bf16["momentum_bytes"] * 2
+    assert fp32["extra_over_targeted"] == 2.25 and bf16["extra_over_targeted"] == 1.25  # bool masks: 1 byte
     assert report["export"]["onnx_bytes"] > 0 and report["export"]["latency"]
 
     md = (overhead_out / "overhead.md").read_text()
