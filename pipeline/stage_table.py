@@ -186,6 +186,11 @@ def run_model(ctx: RunContext) -> None:
         sparsify_stage.plan(ctx.model, ctx.cfg.sparsity)
     except ValueError as exc:
         raise ConfigError([f"sparsity: {exc}"], str(ctx.cfg.name)) from None
+    if ctx.cfg.structured is not None:  # a model channel pruning would break is refused now, not after training
+        trial = structured_stage.trial_problems(ctx.model, ctx.cfg.structured,
+                                                ctx.bundle.tensors("train", limit=2)[0].to(ctx.device))
+        if trial:
+            raise ConfigError([f"structured: {p}" for p in trial], str(ctx.cfg.name))
 
 
 def _check_vocabulary(ctx: RunContext) -> None:

@@ -379,6 +379,73 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, scores: dict[str, 
             dg.get_pruning_group(root, handler, idxs).prune()
 
 
+TRIAL_RATIO = 0.5  # a MACs/params target is searched at run time; the trial only needs every group cut
+
+
+class _InnermostModule:
+    """Forward pre/post hooks that know which module was running when an exception left."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.failed: str | None = None
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave()))
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self.stack.append(f"'{name}' ({type(module).__name__})" if name else f"the model ({type(module).__name__})")
+        return hook
+
+    def _leave(self) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.stack:
+                self.stack.pop()
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def trial_problems(model: nn.Module, cfg: StructuredConfig, example_input: torch.Tensor) -> list[str]:
+    """Prune a copy of `model` once (magnitude scores, `cfg.ratio` or TRIAL_RATIO), then run it
+    forward and backward on `example_input`: what breaks here would break the run after its
+    dense phase, so the pipeline refuses the model before training, naming the module that
+    failed (an attention block whose head reshape no longer fits, a channel split that does
+    not divide). [] when the pruned copy runs."""
+    trial = copy.deepcopy(model)
+    stem, classifier = detect_stem_and_classifier(trial, example_input)
+    ignored = resolve_ignored(trial, cfg.ignore, stem, classifier)
+    try:
+        groups = _groups(trial, example_input, ignored)
+        if _prunable_channels(groups) == 0:
+            return []  # "nothing to prune": the stage itself names the ignore patterns
+        ctx = ScoreContext(model=trial, groups=groups, names=_names(trial), batches=None, loss_fn=default_loss,
+                           mask=MaskTarget(total=None, fraction=None, min_keep=cfg.round_to or 1), optg_steps=0,
+                           optg_lr=0.0, optg_train_weights=False, taylor_batches=0)
+        scores = IMPORTANCES.get("magnitude")(ctx)
+        prune_once(trial, example_input, scores, cfg.ratio or TRIAL_RATIO, cfg, ignored)
+    except Exception as exc:  # noqa: BLE001 - any failure inside Torch-Pruning refuses the model
+        return [f"Torch-Pruning cannot remove channels from this model ({type(exc).__name__}: "
+                f"{str(exc).strip()[:300]}); leave the modules involved out with structured.ignore"]
+    tracker = _InnermostModule(trial)
+    try:
+        with torch.enable_grad():
+            out = trial.train()(example_input)
+            logits = out if isinstance(out, torch.Tensor) else out[0]
+            logits.float().sum().backward()
+    except Exception as exc:  # noqa: BLE001
+        where = tracker.stack[-1] if tracker.stack else "the model"
+        return [f"after removing channels the model fails in module {where}: {type(exc).__name__}: "
+                f"{str(exc).strip()[:300]} (attention heads and channel splits are not pruned consistently); "
+                "leave that module out with structured.ignore, or drop `structured`"]
+    finally:
+        tracker.close()
+    return []
+
+
 def _measure(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
     return count_macs_and_params(model, example_input)
 

@@ -164,3 +164,56 @@ def test_bad_structured_and_benchmark_settings_exit_2_before_writing(tmp_path, t
     assert main(["run", str(_config(tiny_config, **changes)), "--out", str(run)]) == 2
     assert message in capsys.readouterr().err
     assert not run.exists()
+
+
+VIT_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    """timm's ViT attention: one qkv Linear whose output is reshaped into (3, heads, head_dim)."""
+
+    def __init__(self, dim, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        x = torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, input_shape, num_classes, dim=32):
+        super().__init__()
+        self.patch = nn.Conv2d(input_shape[0], dim, 2, stride=2)
+        self.attn = Attention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+def make(input_shape, num_classes):
+    return TinyViT(input_shape, num_classes)
+'''
+
+
+def test_a_model_channel_pruning_would_break_is_refused_before_training(tmp_path, tiny_config, monkeypatch, capsys):
+    """timm-style attention: removing qkv output channels breaks its (3, heads, head_dim) reshape.
+    The trial prune at the model stage finds it: exit 2 naming the module, nothing trained."""
+    (tmp_path / "my_vit.py").write_text(VIT_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    cfg = _config(tiny_config, model={"name": "my_vit:make"})
+    assert main(["run", str(cfg), "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "structured: after removing channels the model fails in module 'attn' (Attention)" in err, err
+    m = _manifest(run)
+    assert "train" not in m["stages"] and not (run / "checkpoints" / "dense.pt").exists()
