@@ -211,3 +211,31 @@ def test_text_config_errors_exit_2_before_anything_is_written(tmp_path, lm_data,
     err = _errors(tmp_path, capsys, _causal(folder, lm_data, task="classification", data={"name": "digits"},
                                             validate={}))
     assert "model_type 'llama' has no AutoModelForImageClassification" in err
+
+
+def test_causal_lm_under_torchrun_equals_one_process(tmp_path, lm_data, capsys):
+    """Two gloo ranks through torchrun train the causal LM like one process (token batches
+    split over the ranks, the loss averaged over non-padding tokens of the global batch)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = save_folder(tmp_path / "model", llama_config(), "AutoModelForCausalLM")
+    cfg = _causal(folder, lm_data, export={"enabled": False}, verify={"enabled": False})
+    cfg["train"]["epochs"], cfg["sparsity"]["epochs"] = 1, 1
+    path = write_config(tmp_path / "lm.yaml", cfg)
+    one = tmp_path / "one"
+    assert main(["run", str(path), "--out", str(one), "--quiet"]) == 0, capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONHASHSEED="0", OPTG_DIST_TIMEOUT="60",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--max-restarts=0", "--standalone",
+                           "--nproc-per-node=2", "-m", "pipeline.cli", "run", str(path), "--out", str(two), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _manifest(one), _manifest(two)
+    assert b["distributed"]["world_size"] == 2 and b["metrics"]["metric"] == "perplexity"
+    assert b["metrics"]["sparse_perplexity"] == pytest.approx(a["metrics"]["sparse_perplexity"], rel=1e-3)
+    assert b["metrics"]["dense_perplexity"] == pytest.approx(a["metrics"]["dense_perplexity"], rel=1e-3)
