@@ -233,5 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def entry() -> None:
+    """The `optg` command and `python -m pipeline.cli` (what torchrun starts on every rank): a
+    rank of a multi-process job ends through `end_rank_process` (see there why), one process
+    through `sys.exit`."""
+    from pipeline.distributed import end_rank_process, env_world_size
+
+    code = main()
+    if env_world_size() > 1:
+        end_rank_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -10,7 +10,10 @@ the run directory on a shared filesystem, at the same path).
 """
 from __future__ import annotations
 
+import atexit
 import datetime as dt
+import gc
+import logging
 import os
 import signal
 import subprocess
@@ -100,6 +103,29 @@ def init_from_env(device: str) -> DistInfo:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_rank_process(code: int) -> None:
+    """End a rank's process with `code` once its work and teardown are done, without Python's
+    interpreter finalization.
+
+    Why: gloo's C++ worker threads can outlive `destroy_process_group` (the group object is freed
+    only when the last reference goes) and still hold work whose tensors reference Python objects.
+    When the interpreter finalizes, such a thread that takes the GIL is ended by `pthread_exit`,
+    whose forced unwind through a noexcept frame aborts the process ("terminate called without
+    an active exception", SIGABRT): a finished rank then reports a failure to torchrun, which
+    SIGTERMs the others. So: collect garbage while the interpreter is whole, run the atexit
+    handlers (tracking clients flush there), flush the streams and logging, then `os._exit`.
+    """
+    gc.collect()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to flush
+            pass
+    os._exit(code)
 
 
 def broadcast_object(value: Any, info: DistInfo) -> Any:

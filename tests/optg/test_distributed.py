@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import optg
+from pipeline.distributed import end_rank_process
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, pattern: str, sync: bool):
@@ -37,7 +38,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, pa
                     x = torch.randn(16, 4, 8, generator=gen)
                     y = torch.randint(0, 3, (16,), generator=gen)
                     loss = F.cross_entropy(ddp(x), y)
-                    opt.zero_grad(); loss.backward(); opt.step(); sp.step(lr=0.1)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sp.step(lr=0.1)
         except optg.MaskDivergence as exc:  # the run-time check caught ranks drifting apart
             history.append(str(exc))
         torch.save(history, os.path.join(out_dir, f"masks{rank}.pt"))
@@ -45,6 +49,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, pa
         dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    end_rank_process(0)  # skip interpreter finalization: gloo threads can abort it
 
 
 def _run(tmp_path, method, pattern, sync):

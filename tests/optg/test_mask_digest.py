@@ -8,6 +8,7 @@ from torch import nn
 
 import optg
 from optg.distributed import mask_digest
+from pipeline.distributed import end_rank_process
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, plant: bool) -> None:
@@ -28,6 +29,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, plant: bool) ->
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_rank_process(0)  # skip interpreter finalization: gloo threads can abort it
 
 
 def _run(tmp_path, plant: bool) -> list[str]:
