@@ -4,12 +4,17 @@ Three kinds: `unstructured` with a target (the fraction of zeros), `nm` (N of ev
 the reduction axis; its target is 1 - N/M) and `dense` (a layer left alone). Text enters
 through `Pattern.parse` once, where it is validated; code past that point carries the value,
 never the string. `str(p)` gives the text back: 'unstructured', '2:4' or 'dense'.
+
+A Pattern is also a pydantic field type: a model field `pattern: Pattern` holds the value,
+accepts a Pattern or its text ('2:4', 'dense'; 'unstructured' needs its target, so a model
+holding one supplies it, see `Pattern.parse`) and serialises as the text. This is how the
+pattern travels through bake, the manifest and verify as one value.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 PatternKind = Literal["unstructured", "nm", "dense"]
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -83,6 +88,26 @@ class Pattern:
             raise ValueError(f"target is implied by pattern '{n}:{m}' (1 - N/M); remove target")
         return cls.nm(n, m)
 
+    # ------------------------------------------------------------------ pydantic field
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        """Validate with `parse` (a Pattern passes through), serialise as `str(pattern)`."""
+        from pydantic_core import core_schema
+
+        def validate(value: Any) -> Pattern:
+            try:
+                return cls.parse(value)
+            except TypeError as exc:  # pydantic reports ValueError only
+                raise ValueError(str(exc)) from None
+
+        return core_schema.no_info_plain_validator_function(
+            validate, serialization=core_schema.plain_serializer_function_ser_schema(
+                str, return_schema=core_schema.str_schema()))
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: Any, handler: Any) -> dict[str, Any]:
+        return {"type": "string", "description": "'unstructured', 'N:M' such as '2:4', or 'dense'"}
+
     # ------------------------------------------------------------------ views
     @property
     def is_nm(self) -> bool:
@@ -106,6 +131,18 @@ class Pattern:
         if self.kind == "dense":
             return "Pattern.dense()"
         return f"Pattern.unstructured({self.target})"
+
+
+def unstructured_from_row(data: Any, target_key: str) -> Any:
+    """For a pydantic `mode="before"` validator of a model with a `pattern: Pattern` field whose
+    JSON keeps the target beside the text (the manifest's `target`, a layer row's `sparsity`):
+    'unstructured' there becomes `Pattern.unstructured(data[target_key])`; anything else passes."""
+    if isinstance(data, dict) and isinstance(data.get("pattern"), str) and data["pattern"].strip() == "unstructured":
+        target = data.get(target_key)
+        if isinstance(target, (int, float)) and not isinstance(target, bool) and 0.0 <= target <= 1.0:
+            # a row's achieved sparsity may be 1.0 (every weight zero): the nearest valid target
+            return {**data, "pattern": Pattern.unstructured(min(float(target), 1.0 - 1e-9))}
+    return data
 
 
 def parse_nm(text: str) -> tuple[int, int]:

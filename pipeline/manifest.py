@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from optg.pattern import Pattern, unstructured_from_row
 from stages.bake import BakedLayer
 from stages.export import ExportResult
 from stages.onnx_eval import FileMetric
@@ -222,7 +223,7 @@ class Manifest(_Growing):
     name: str
     status: Status
     method: str | None = None
-    pattern: str | None = None
+    pattern: Pattern | None = None  # JSON: its text, '2:4', 'unstructured' (see `target`) or 'dense'
     target: float | None = None  # the sparsity the pattern implies or the config asks for
     sparsity: dict[str, Any] | None = None  # stages.sparsify.settings_in_force(): start mode, schedule, scores
     config_hash: str
@@ -274,6 +275,12 @@ class Manifest(_Growing):
             if isinstance(data.get("export"), dict) and data.get("artifacts", {}).get("model.compact.onnx"):
                 data["export"] = dict(data["export"], compact_file="model.compact.onnx")
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pattern_with_target(cls, data: Any) -> Any:
+        """'unstructured' in the JSON carries its target in the `target` key beside it."""
+        return unstructured_from_row(data, "target")
 
     @field_validator("history", mode="before")
     @classmethod

@@ -72,8 +72,8 @@ def record_run_facts(manifest: Manifest, cfg: PipelineConfig, device: torch.devi
                      command: list[str] | None) -> None:
     """The manifest's top-level method/pattern/target (what a release step branches on) and the
     environment of this invocation."""
-    manifest.method, manifest.pattern = cfg.sparsity.method, str(cfg.sparsity.pattern)
-    manifest.target = cfg.sparsity.as_pattern.target
+    manifest.method, manifest.pattern = cfg.sparsity.method, cfg.sparsity.as_pattern
+    manifest.target = manifest.pattern.target
     manifest.environment = Environment.current(device, command)
 
 

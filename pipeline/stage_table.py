@@ -357,7 +357,7 @@ def _dense_weights(ctx: RunContext) -> dict[str, str]:
     """The weights this run left dense on purpose (tied, output head, excluded...), with the
     reason: the file records them so `optg inspect --pattern` on it agrees with the run."""
     dense = {layer.parameter: layer.reason for layer in ctx.run.manifest.metrics.layers
-             if layer.pattern == "dense" and layer.reason}
+             if layer.pattern.is_dense and layer.reason}
     by_id = {id(p): n for n, p in ctx.model.named_parameters()}  # first name of each tensor
     for alias, param in ctx.model.named_parameters(remove_duplicate=False):  # a tied head's own name too
         first = by_id.get(id(param))
@@ -618,7 +618,7 @@ def report_input(ctx: RunContext) -> report_stage.ReportInput:
              "parity_max_abs_error", "pattern_coverage")
     return report_stage.ReportInput(
         name=m.name, status=m.status, failed_gate=m.error.gate if m.error else None,
-        error=m.error.message if m.error else None, method=s.method, pattern=s.pattern, target=s.target,
+        error=m.error.message if m.error else None, method=s.method, pattern=s.as_pattern, target=s.target,
         config_hash=m.config_hash, **{k: getattr(m.metrics, k) for k in shown},
         metric=ctx.task.metric.name, max_accuracy_drop=ctx.cfg.validate.max_accuracy_drop,
         min_accuracy=ctx.cfg.validate.min_accuracy, max_perplexity_increase=ctx.cfg.validate.max_perplexity_increase,

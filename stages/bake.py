@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import optg
+from optg.pattern import Pattern, unstructured_from_row
 from stages.io import atomic_write
 
 
@@ -23,10 +25,17 @@ class BakedLayer(BaseModel):
     shape: list[int]
     numel: int
     targeted: bool
-    pattern: str         # "N:M", "unstructured" or "dense"
+    pattern: Pattern     # the layer's own: N:M, unstructured (its target) or dense; JSON: its text
     sparsity: float
     reason: str
     parameter: str       # e.g. "features.0.weight"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unstructured_from_text(cls, data: Any) -> Any:
+        """A manifest row says 'unstructured' without the layer's planned target: the row's
+        achieved sparsity stands for it (what verify checks the file against)."""
+        return unstructured_from_row(data, "sparsity")
 
 
 class BakeResult(BaseModel):
@@ -46,7 +55,7 @@ def bake(sparsifier: optg.Sparsifier) -> BakeResult:
 def summarize(rows: list[optg.LayerReport], model: nn.Module) -> BakeResult:
     """Typed layer rows with their weight's parameter name, and the weighted sparsities."""
     layers = [BakedLayer(name=r.name, type=r.type, shape=list(r.shape), numel=r.numel, targeted=r.targeted,
-                         pattern=str(r.pattern), sparsity=r.sparsity, reason=r.reason,
+                         pattern=r.pattern, sparsity=r.sparsity, reason=r.reason,
                          parameter=weight_name(model, r.parameter or f"{r.name}.weight")) for r in rows]
     return BakeResult(layers=layers, targeted_sparsity=optg.weighted_sparsity([r for r in rows if r.targeted]),
                       model_sparsity=optg.weighted_sparsity(rows))

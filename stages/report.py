@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from optg.pattern import Pattern, unstructured_from_row
 from stages.bake import BakedLayer
 from stages.base import StrictModel, eval_mode
 from stages.io import atomic_write, atomic_write_text
@@ -42,7 +43,7 @@ class ReportInput(BaseModel):
     failed_gate: str | None = None
     error: str | None = None
     method: str
-    pattern: str
+    pattern: Pattern  # given as text, 'unstructured' takes `target`
     target: float | None = None
     config_hash: str = ""
     metric: str = "accuracy"  # the task's metric; "perplexity" for a causal LM (lower is better)
@@ -69,6 +70,11 @@ class ReportInput(BaseModel):
     artifacts: list[ArtifactRow] = Field(default_factory=list)
     history: list[EpochRecord] = Field(default_factory=list)
     sections: list[str] = Field(default_factory=list)  # extra markdown sections (structured, latency)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unstructured_from_text(cls, data: Any) -> Any:
+        return unstructured_from_row(data, "target")
 
 
 def count_macs_and_params(model: nn.Module, example_input: torch.Tensor | list[torch.Tensor]) -> tuple[int, int]:
@@ -275,7 +281,7 @@ def render_markdown(report: ReportInput, plot_name: str | None) -> str:
                   "| tensor | op | shape | reduction axis | sparsity | checked | result | 2:4 hardware | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for row in r.onnx_layers:
-            checked, result, hardware = onnx_check(row, r.pattern)
+            checked, result, hardware = onnx_check(row, str(r.pattern))
             lines.append(
                 f"| {row.get('name')} | {row.get('op')} | {'x'.join(map(str, row.get('shape', [])))} "
                 f"| {row.get('reduction_axis')} | {_fmt(row.get('sparsity'), 3)} | {checked} | {result} "

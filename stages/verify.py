@@ -32,7 +32,7 @@ from onnx import TensorProto
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from optg.nm import parse_nm
+from optg.pattern import Pattern
 from stages import weight_match
 from stages.base import GateFailure, StrictModel, eval_mode
 from stages.export import ExportResult, convert_float_type
@@ -73,8 +73,13 @@ class LayerExpectation:
     """What PyTorch says about one baked weight."""
 
     torch_name: str
-    pattern: str  # "N:M", "unstructured" or "dense"
+    pattern: Pattern  # the baked layer's own (`BakedLayer.pattern`): N:M, unstructured or dense
     sparsity: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, Pattern):
+            raise TypeError(f"LayerExpectation({self.torch_name!r}): pattern must be an optg Pattern, "
+                            f"got {self.pattern!r} (parse text once with Pattern.parse)")
 
 
 class VerifyResult(BaseModel):
@@ -221,8 +226,7 @@ def verify_int8(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     proto = load_model(path)
     weights = collect_weights(proto, base_dir=str(path.parent))
     failures = [f"{PATTERN}: {f}" for f in _inspect_failures(proto, weights, {}, path.name)]
-    props = {p.key: p.value for p in proto.metadata_props}
-    nm = _nm_or_none(props.get("optg.pattern", ""))
+    nm = _file_nm(proto)
     exempt = dense_exemptions(proto)
     by_node = {w.node: w for w in weights if w.input_index == 1}
     rows = []
@@ -243,7 +247,7 @@ def verify_int8(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 def coverage(proto: onnx.ModelProto, weights: list[OnnxWeight]) -> float | None:
     """`optg inspect`'s coverage for the file's own N:M pattern (metadata `optg.pattern`)."""
-    nm = _nm_or_none({p.key: p.value for p in proto.metadata_props}.get("optg.pattern", ""))
+    nm = _file_nm(proto)
     if nm is None:
         return None
     return pattern_coverage(weight_macs(proto, weights), [w.check(*nm).holds for w in weights])
@@ -254,8 +258,7 @@ def _inspect_failures(proto: onnx.ModelProto, weights: list[OnnxWeight],
     """`optg inspect --pattern N:M`'s rule on the file, for the run's N:M pattern (metadata
     `optg.pattern`): every weight that can carry it holds it unless the file records it as
     left dense on purpose. What verify accepts, inspect accepts too."""
-    props = {p.key: p.value for p in proto.metadata_props}
-    nm = _nm_or_none(props.get("optg.pattern", ""))
+    nm = _file_nm(proto)
     if nm is None:
         return []
     exempt = dense_exemptions(proto)
@@ -311,11 +314,11 @@ def _layer_reports(weights: list[OnnxWeight], matches: dict[str, tuple[OnnxWeigh
     for w in weights:
         torch_name, how = by_weight.get(id(w), (None, None))
         exp = expected.get(torch_name) if torch_name else None
-        nm = _nm_or_none(exp.pattern) if exp else None
+        nm = (exp.pattern.n, exp.pattern.m) if exp is not None and exp.pattern.is_nm else None
         rep = weight_report(w, nm)
-        rep.update(torch_name=torch_name, match=how, expected_pattern=exp.pattern if exp else None,
+        rep.update(torch_name=torch_name, match=how, expected_pattern=str(exp.pattern) if exp else None,
                    expected_sparsity=exp.sparsity if exp else None, value_check=None)
-        if exp is not None and exp.pattern == "unstructured":
+        if exp is not None and exp.pattern.kind == "unstructured":
             rep["pattern_ok"] = abs(w.sparsity - exp.sparsity) <= tolerance
         elif nm is None:
             rep["pattern_ok"] = None
@@ -325,11 +328,16 @@ def _layer_reports(weights: list[OnnxWeight], matches: dict[str, tuple[OnnxWeigh
     return reports
 
 
-def _nm_or_none(pattern: str) -> tuple[int, int] | None:
+def _file_nm(proto: onnx.ModelProto) -> tuple[int, int] | None:
+    """The N:M pattern a file records it was exported for (metadata `optg.pattern`, written by
+    the export stage), or None: an unstructured or dense run, or a file from elsewhere, whose
+    metadata is only read, never trusted to be well formed."""
+    text = {p.key: p.value for p in proto.metadata_props}.get("optg.pattern", "")
     try:
-        return parse_nm(pattern)
-    except ValueError:
+        pattern = Pattern.parse(text)
+    except (TypeError, ValueError):
         return None
+    return (pattern.n, pattern.m) if pattern.is_nm else None
 
 
 def _value_check(onnx_w: np.ndarray, torch_w: torch.Tensor, dtype: str) -> str:
@@ -357,30 +365,27 @@ def _pattern_failures(expectations: list[LayerExpectation], matches: dict[str, t
     out: list[str] = []
     for exp in expectations:
         hit = matches.get(exp.torch_name)
-        nm = _nm_or_none(exp.pattern)
-        if exp.pattern not in ("dense", "unstructured") and nm is None:
-            out.append(f"weight '{exp.torch_name}': unknown expected pattern {exp.pattern!r}")
-            continue
+        pattern = exp.pattern
         if hit is None:
             text = (f"weight '{exp.torch_name}' ({exp.pattern}, PyTorch shape "
                     f"{list(shapes.get(exp.torch_name, ()))}) not found in {file}: no Conv/Gemm/MatMul "
                     f"constant matches it by name, exporter metadata or node order and shape")
-            if exp.pattern == "dense":
+            if pattern.is_dense:
                 notes.append(text)
             else:
                 out.append(text)
             continue
         w, how = hit
         where = f"ONNX tensor '{w.name}' (node {w.node}, {w.op}, torch '{exp.torch_name}', found by {how})"
-        if nm is not None:
-            check = check_nm(w.values, w.reduction_axis, *nm)
+        if pattern.is_nm:
+            check = check_nm(w.values, w.reduction_axis, pattern.n, pattern.m)
             if not check.applicable:
                 out.append(f"{where}: reduction axis {w.reduction_axis} of shape {list(w.shape)} "
-                           f"has size {w.reduction_size}, not divisible by {nm[1]}")
+                           f"has size {w.reduction_size}, not divisible by {pattern.m}")
             elif not check.holds:
-                out.append(f"{where} is not {exp.pattern} along reduction axis {w.reduction_axis} of "
+                out.append(f"{where} is not {pattern} along reduction axis {w.reduction_axis} of "
                            f"shape {list(w.shape)}: {check.describe()}")
-        elif exp.pattern == "unstructured":
+        elif pattern.kind == "unstructured":
             got = w.sparsity
             if abs(got - exp.sparsity) > tolerance:
                 out.append(f"{where}: sparsity {got:.4f} in the file, {exp.sparsity:.4f} expected "

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from optg.pattern import Pattern
 from pipeline.manifest import SCHEMA_VERSION, ErrorRecord, Manifest
 from pipeline.rundir import RunDir, RunDirConflict, versions
 from stages.io import sha256_file
@@ -138,3 +139,12 @@ def test_manifest_json_round_trips():
     data = m.to_json()
     assert Manifest.model_validate(data).to_json() == data
     assert data["error"] == {"type": "GateFailure", "gate": "accuracy", "message": "too low"}
+
+
+@pytest.mark.parametrize(("pattern", "text"), [(Pattern.nm(2, 4), "2:4"), (Pattern.unstructured(0.9), "unstructured")])
+def test_manifest_pattern_is_a_value_written_as_its_text(pattern, text):
+    m = Manifest.start("x", "h", "t", {"python": "3"})
+    m.method, m.pattern, m.target = "optg", pattern, pattern.target
+    data = m.to_json()
+    assert data["pattern"] == text and data["target"] == pytest.approx(pattern.target)
+    assert Manifest.model_validate(data).pattern == pattern  # unstructured: its target from `target`

@@ -38,7 +38,7 @@ def test_bake_reports_typed_layers_with_parameter_names_and_exact_sparsities():
                                       pattern="dense", sparsity=0.0, reason=rows["stem"].reason,
                                       parameter="stem.weight")
     assert "6" in rows["stem"].reason
-    assert rows["body.1"].parameter == "body.1.weight" and rows["body.1"].pattern == "2:4"
+    assert rows["body.1"].parameter == "body.1.weight" and rows["body.1"].pattern == optg.Pattern.nm(2, 4)
     assert rows["body.1"].targeted and rows["body.1"].sparsity == 0.5
     assert result.targeted_sparsity == 0.5
     assert result.model_sparsity == pytest.approx((0.0 * 48 + 0.5 * 32) / 80)
@@ -46,6 +46,26 @@ def test_bake_reports_typed_layers_with_parameter_names_and_exact_sparsities():
     assert torch.all((w.reshape(-1, 4) != 0).sum(1) == 2)  # exact zeros, 2 of every 4 inputs
     for name, module in model.named_modules():
         assert "forward" not in module.__dict__, name  # plain modules again
+
+
+def test_the_pattern_is_one_value_from_bake_through_the_manifest_json_to_verify():
+    """BakedLayer holds the Pattern (no text to re-parse), writes its text to JSON, and reads back
+    the same value; an 'unstructured' row takes its sparsity as the target; verify refuses text."""
+    from stages.verify import LayerExpectation
+
+    _, result = baked()
+    for row in result.layers:
+        assert isinstance(row.pattern, optg.Pattern)
+        data = row.model_dump(mode="json")
+        assert data["pattern"] == str(row.pattern)
+        assert BakedLayer.model_validate(data) == row
+    loose = BakedLayer.model_validate({**result.layers[1].model_dump(mode="json"), "pattern": "unstructured",
+                                       "sparsity": 0.9})
+    assert loose.pattern == optg.Pattern.unstructured(0.9)
+    with pytest.raises(ValueError, match="N:M pattern needs 1 <= N < M, got 4:2"):
+        BakedLayer.model_validate({**result.layers[1].model_dump(mode="json"), "pattern": "4:2"})
+    with pytest.raises(TypeError, match="pattern must be an optg Pattern"):
+        LayerExpectation("body.1.weight", "2:4", 0.5)  # type: ignore[arg-type]
 
 
 def test_summarize_weights_sparsity_by_element_count():

@@ -20,6 +20,7 @@ from torch import nn
 import stages.export as export_mod
 import stages.verify as verify_mod
 from optg.nm import from_groups, to_groups
+from optg.pattern import Pattern
 from stages.base import GateFailure, StageError
 from stages.export import ExportConfig, export_onnx
 from stages.onnx_sparsity import check_nm
@@ -85,7 +86,7 @@ def bake(model: nn.Module, pattern: str) -> list[LayerExpectation]:
                 continue
             if pattern == "2:4":
                 if p.shape[1] % 4:
-                    exps.append(LayerExpectation(name, "dense", 0.0))
+                    exps.append(LayerExpectation(name, Pattern.dense(), 0.0))
                     continue
                 g = to_groups(p, 4)
                 keep = g.abs().topk(2, dim=1).indices
@@ -94,7 +95,8 @@ def bake(model: nn.Module, pattern: str) -> list[LayerExpectation]:
                 k = int(p.numel() * 0.9)
                 thresh = p.abs().flatten().kthvalue(k).values
                 p.mul_((p.abs() > thresh).float())
-            exps.append(LayerExpectation(name, pattern, float((p == 0).float().mean())))
+            zeros = float((p == 0).float().mean())
+            exps.append(LayerExpectation(name, Pattern.parse(pattern, None if pattern == "2:4" else 0.9), zeros))
     return exps
 
 
@@ -267,7 +269,7 @@ def test_scaled_weight_fails_parity_naming_output_and_suspect(exported, tmp_path
 def test_missing_weight_and_wrong_sparsity_are_named(exported):
     model, x, exps, res, dtype = exported["cnn2d_u90"]
     wrong = [LayerExpectation(e.torch_name, e.pattern, 0.5) if e.torch_name == "fc.weight" else e
-             for e in exps] + [LayerExpectation("ghost.weight", "2:4", 0.5)]
+             for e in exps] + [LayerExpectation("ghost.weight", Pattern.nm(2, 4), 0.5)]
     result = verify_onnx(res, model, x, wrong, VerifyConfig())
     text = "\n".join(result.failures)
     assert "ghost.weight" in text and "not found" in text

@@ -36,7 +36,7 @@ def test_family_exports_and_verifies(tmp_path, name, shape, options, pattern):
     sparsifier.start_epoch(1)
     rows = bake(sparsifier).layers
     if pattern == "2:4":
-        assert any(r.pattern == "2:4" for r in rows)  # BakedLayer: the pattern's text
+        assert any(r.pattern == optg.Pattern.nm(2, 4) for r in rows)  # BakedLayer: the pattern as a value
     else:
         total = sum(r.numel for r in rows if r.targeted)
         assert sum(r.sparsity * r.numel for r in rows if r.targeted) / total == pytest.approx(0.9, abs=1e-3)
@@ -52,7 +52,7 @@ def test_family_exports_and_verifies(tmp_path, name, shape, options, pattern):
     for r in rows:
         assert r.parameter == f"{r.name}.weight"  # every built-in family keeps the weight under its module
         assert r.parameter in by_torch, f"{r.name} not found in the ONNX file"
-        if r.pattern == "2:4":
+        if r.pattern == optg.Pattern.nm(2, 4):
             assert by_torch[r.parameter]["pattern_ok"] is True
     if name == "transformer":  # Linear on (B, T, D) exports as MatMul with a transposed weight
         ops = {w.op for w in collect_weights(load_model(path))}
