@@ -28,7 +28,7 @@ from pipeline.manifest import DistributedRecord, Environment, ErrorRecord, Manif
 from pipeline.rundir import RunDir, RunDirConflict
 from pipeline.stage_table import STAGES, RunContext, Stage, debug_signal_hook
 from pipeline.tracking import build_tracking, record_metrics
-from stages.base import ConfigFieldError, GateFailure, StageError
+from stages.base import ConfigFieldError, GateFailure, StageConfigError, StageError
 from stages.io import WriteError, atomic_write_text
 from stages.train import EpochRecord
 
@@ -119,6 +119,10 @@ class Runner:
             self.run.record_stage(stage.name, "failed", time.perf_counter() - started)
             if stage.section and isinstance(exc, (ConfigFieldError, GateFailure)):
                 exc.locate(stage.section)
+            if isinstance(exc, StageConfigError):  # typed: the stage names its field, nobody reads the text
+                where = stage.section or stage.name
+                raise ConfigError([f"{where}.{exc.field}: {exc}" if exc.field else f"{where}: {exc}"],
+                                  str(self.cfg.name)) from None
             if isinstance(exc, SystemExit):  # a plugin's sys.exit(0) must not end the run as a success
                 raise UserExit(f"stage {stage.name!r}: code it ran called sys.exit({exc.code!r}); the run "
                                "stopped there and failed (a stage never ends the process)") from exc

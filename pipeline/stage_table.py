@@ -39,7 +39,7 @@ from stages import structured as structured_stage
 from stages import tensorrt as tensorrt_stage
 from stages import validate as validate_stage
 from stages import verify as verify_stage
-from stages.base import GateFailure, StageConfigError, StageError
+from stages.base import GateFailure, StageError
 from stages.data import DataBundle, TextContext, load_data
 from stages.export import ExportResult, export_onnx
 from stages.io import atomic_torch_save, atomic_write, atomic_write_json, safe_torch_load
@@ -173,10 +173,7 @@ def run_model(ctx: RunContext) -> None:
     torch.manual_seed(ctx.cfg.seed)
     bundle, task = ctx.bundle, ctx.task
     pad = bundle.tokenizer.pad_id if bundle.tokenizer is not None else None
-    try:
-        ctx.model_ = build_model(ctx.cfg.model, bundle.input_shape, bundle.num_classes, task, pad).to(ctx.device)
-    except StageConfigError as exc:
-        raise ConfigError([f"model: {exc}"], str(ctx.cfg.name)) from None
+    ctx.model_ = build_model(ctx.cfg.model, bundle.input_shape, bundle.num_classes, task, pad).to(ctx.device)
     _check_vocabulary(ctx)
     example = task.to_device(bundle.batch("val", 1), ctx.device)
     metrics = ctx.run.manifest.metrics
@@ -539,8 +536,7 @@ def run_structured(ctx: RunContext) -> None:
     def save(model: nn.Module, progress: structured_stage.StructuredProgress) -> None:
         atomic_torch_save({"model": model.state_dict(), "progress": progress.model_dump_json()}, checkpoint)
 
-    def save_finetune(trainer: Trainer) -> None:
-        step = int(trainer.phase.rsplit("-", 1)[1])
+    def save_finetune(trainer: Trainer, step: int) -> None:
         atomic_torch_save({"step": step, "trainer": trainer.state_dict()}, finetune_path)
         manifest = ctx.run.manifest
         manifest.history = [h for h in manifest.history if h.phase != trainer.phase] + list(trainer.history)
@@ -555,14 +551,9 @@ def run_structured(ctx: RunContext) -> None:
         ctx.bundle, _structured_train_config(ctx.cfg), device=ctx.device, seed=seed, batch_size=data.batch_size,
         log=ctx.log, on_epoch_end=save_finetune, load_state=load_finetune, on_step=ctx.on_step)
     example = ctx.bundle.tensors("train", limit=2)[0].to(ctx.device)
-    try:
-        result = structured_stage.prune_channels(
-            ctx.model, cfg, example, batches=structured_stage.batch_source(ctx.bundle, data.batch_size, seed),
-            finetune=finetune, checkpoint=save, resume=resume, seed=seed, log=ctx.log)
-    except StageError as exc:
-        if str(exc).startswith("nothing to prune"):
-            raise ConfigError([f"structured.ignore: {exc}"], str(ctx.cfg.name)) from None
-        raise
+    result = structured_stage.prune_channels(
+        ctx.model, cfg, example, batches=structured_stage.batch_source(ctx.bundle, data.batch_size, seed),
+        finetune=finetune, checkpoint=save, resume=resume, seed=seed, log=ctx.log)
     ctx.run.manifest.structured = result.to_dict()
     ctx.run.add_artifact("structured_plan.json", atomic_write_json(ctx.run.path / "structured_plan.json", result.plan))
     macs = result.to_dict()["macs"]

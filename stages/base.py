@@ -65,7 +65,14 @@ class StageError(RuntimeError):
 class StageConfigError(StageError):
     """A stage found, before any training, that the config cannot work with what it names (a
     model folder that does not fit the task, a class count the model's config contradicts, a
-    layer plan that sparsifies nothing). The pipeline reports it as a config error: exit 2."""
+    layer plan that sparsifies nothing). The pipeline reports it as a config error: exit 2.
+
+    `field`, where one setting is at fault, is its dotted key in the stage's own config (e.g.
+    'ignore' for `structured.ignore`); the pipeline prefixes the stage's section."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigFieldError(_Locatable, StageError):

@@ -45,7 +45,7 @@ import torch_pruning as tp  # type: ignore[import-untyped]
 from pydantic import Field, model_validator
 from torch import nn
 
-from stages.base import StageError, StrictModel, eval_mode
+from stages.base import StageConfigError, StageError, StrictModel, eval_mode
 from stages.data import DataBundle
 from stages.report import count_macs_and_params
 from stages.structured_importance import (
@@ -243,14 +243,15 @@ def batch_source(bundle: DataBundle, batch_size: int, seed: int) -> BatchSource:
 
 def trainer_finetune(bundle: DataBundle, train: TrainConfig, *, device: torch.device, seed: int,
                      batch_size: int, log: Callable[[str], None] = print,
-                     on_epoch_end: Callable[[Trainer], None] | None = None,
+                     on_epoch_end: Callable[[Trainer, int], None] | None = None,
                      load_state: Callable[[int], dict[str, Any] | None] | None = None,
                      on_step: StepHook | None = None) -> FineTune:
     """A `FineTune` that runs `stages.train.Trainer` for `epochs` with `train`'s optimiser
     settings, as phase "structured-<step>" (its own seed stream). A fresh Trainer per step:
     pruning replaced the parameters the previous optimiser held. `on_epoch_end(trainer)` can
     checkpoint `trainer.state_dict()`; `load_state(step)` returns such a state (or None) to
-    resume an interrupted fine-tune; `on_step` is the Trainer's per-step hook."""
+    resume an interrupted fine-tune; `on_step` is the Trainer's per-step hook. The callbacks get
+    the step as a value (never parsed back out of the phase name)."""
 
     def finetune(model: nn.Module, step: int, epochs: int) -> None:
         cfg = TrainConfig(**{**train.model_dump(), "epochs": epochs,
@@ -260,7 +261,11 @@ def trainer_finetune(bundle: DataBundle, train: TrainConfig, *, device: torch.de
         state = load_state(step) if load_state is not None else None
         if state is not None:
             trainer.load_state_dict(state)
-        trainer.run(on_epoch_end)
+        if on_epoch_end is None:
+            trainer.run()
+        else:
+            callback = on_epoch_end
+            trainer.run(lambda t: callback(t, step))
 
     return finetune
 
@@ -490,7 +495,8 @@ def prune_channels(model: nn.Module, cfg: StructuredConfig, example_input: torch
             raise StageError("resume: the model's architecture differs from the saved plan; "
                              "apply_plan(model, progress.plan) and load the saved weights first")
     if progress.initial_channels == 0:
-        raise StageError(f"nothing to prune: every channel group is ignored ({', '.join(ignored)})")
+        raise StageConfigError(f"nothing to prune: every channel group is ignored ({', '.join(ignored)})",
+                               field="ignore")
     steps = cfg.iterative_steps
     if progress.finetuned < progress.pruned:  # interrupted during a fine-tune: finish it
         _finetune(model, cfg, finetune, checkpoint, progress, progress.pruned, log)

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from pipeline.config import validate_config
+from pipeline.config import ConfigError, validate_config
 from pipeline.runner import Runner, RunOptions
 from pipeline.stage_table import STAGES, RunContext, Stage
-from stages.base import ConfigFieldError, FieldProblem, GateFailure
+from stages.base import ConfigFieldError, FieldProblem, GateFailure, StageConfigError
 
 CONFIG = {"name": "table", "device": "cpu", "data": {"name": "digits"}, "model": {"name": "small_cnn"},
           "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 1}}
@@ -100,6 +100,20 @@ def test_stage_errors_name_fields_under_the_stage_section(tmp_path):
     assert "run summary" not in calls  # the epilogue follows success or a failed gate only
     assert _manifest(tmp_path)["error"]["message"] == "loss is nan; lower sparsity.optimizer.lr"
 
+
+
+@pytest.mark.parametrize(("field", "stage", "shown"), [
+    ("ignore", "sparse", "sparsity.ignore: nothing to prune"),  # a section: the field under it
+    (None, "publish", "publish: nothing to prune"),             # no section: the stage's name
+])
+def test_a_stage_config_error_is_a_config_error_naming_its_field(tmp_path, field, stage, shown):
+    """Typed, not matched by text: the stage raises StageConfigError with its field; the runner
+    places it under the stage's section, and the CLI turns it into exit 2."""
+    calls: list[str] = []
+    with pytest.raises(ConfigError) as info:
+        runner(tmp_path, table(calls, {stage: StageConfigError("nothing to prune", field=field)})).execute()
+    assert info.value.problems == [shown]
+    assert _manifest(tmp_path)["stages"][stage]["status"] == "failed"
 
 def test_the_pipeline_table():
     assert [s.name for s in STAGES] == ["data", "model", "train", "reference", "reference_onnx", "structured",

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.func import functional_call
 
-from stages.base import StageError
+from stages.base import StageConfigError, StageError
 from stages.structured import (
     StructuredConfig,
     StructuredProgress,
@@ -337,8 +337,9 @@ def test_missing_hooks_and_bad_plans_are_stage_errors() -> None:
         prune_channels(build("cnn1d"), StructuredConfig(ratio=0.5, importance="taylor"), x, **QUIET)
     with pytest.raises(StageError, match="no fine-tune callable"):
         prune_channels(build("cnn1d"), StructuredConfig(ratio=0.5, finetune_epochs=1), x, **QUIET)
-    with pytest.raises(StageError, match="every channel group is ignored"):
+    with pytest.raises(StageConfigError, match="every channel group is ignored") as nothing:
         prune_channels(build("cnn1d"), StructuredConfig(ratio=0.5, ignore=["conv", "@classifier"]), x, **QUIET)
+    assert nothing.value.field == "ignore"  # the runner reports it as structured.ignore, exit 2
     plan = prune_channels(build("cnn1d"), StructuredConfig(ratio=0.5), x, **QUIET).plan
     with pytest.raises(StageError, match=r"'conv2': plan says Conv1d, model has Linear; 'linear': no such module"):
         apply_plan(_renamed_cnn1d(), plan)
