@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='machine-readable: {"ok": true, "config": ...} or '
                             '{"ok": false, "errors": [{path, message}]}')
 
-    sub.add_parser("schema", help="print the config's JSON Schema (editor completion, CI validation)")
+    schema = sub.add_parser("schema", help="print the config's JSON Schema (editor completion, CI validation)")
+    schema.add_argument("--markdown", action="store_true",
+                        help="print the config reference as Markdown instead (docs/config.md)")
 
     inspect = sub.add_parser("inspect", help="read back weights, sparsity and N:M compliance of any ONNX file")
     inspect.add_argument("model")
@@ -199,6 +201,12 @@ def _run_here(args: argparse.Namespace, cfg, info) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    """The config schema: JSON Schema, or with --markdown the generated reference (docs/config.md)."""
+    if args.markdown:
+        from pipeline.config_docs import render_markdown
+
+        sys.stdout.write(render_markdown())
+        return EXIT_OK
     from pipeline.config import config_json_schema
 
     print(json.dumps(config_json_schema(), indent=2))

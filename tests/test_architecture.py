@@ -1,6 +1,6 @@
 """Import direction: the layers point one way and no module imports itself back.
 
-Rules (README, "Three packages"), checked on every import statement anywhere in a file,
+Rules (docs/architecture.md, "Three packages"), checked on every import statement anywhere in a file,
 lazy imports inside functions included, and on `importlib.import_module("<literal>")`:
 
 - `optg` imports nothing of ours;

@@ -1,4 +1,4 @@
-"""A real run's manifest against the README's documented schema, and the deployment facts in
+"""A real run's manifest against its documented schema (docs/manifest.md), and the deployment facts in
 both the manifest and model.onnx's metadata_props."""
 import json
 import re
@@ -12,7 +12,7 @@ from pipeline.manifest import SCHEMA_VERSION, Manifest
 
 from .conftest import TINY, write_config
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "manifest.md").read_text()
 CONDITIONAL = {"error", "versions_before_resume", "reruns", "tracking", "structured"}  # after a failure, a resume under
 # other software, a rerun that redid stages, with `tracking` configured
 
@@ -30,7 +30,7 @@ def digits_run(tmp_path_factory):
 
 
 def documented_top_level_keys() -> set[str]:
-    section = README.split("`manifest.json` (`pipeline/manifest.py` is its typed model)")[1].split("\n## ")[0]
+    section = DOC.split("`manifest.json` (`pipeline/manifest.py` is its typed model)")[1].split("\n## ")[0]
     return set(re.findall(r"^\| `(\w+)` \|", section, re.M))
 
 
@@ -42,7 +42,7 @@ def test_every_documented_key_is_in_a_real_manifest_and_back(digits_run):
     aliases = {info.alias or name for name, info in Manifest.model_fields.items()}
     assert CONDITIONAL <= aliases and documented == aliases
     assert manifest["schema"] == SCHEMA_VERSION == int(re.search(r"\| `schema` \| manifest schema version: (\d)",
-                                                                  README).group(1))
+                                                                  DOC).group(1))
 
 
 def test_manifest_says_what_ran_where_and_how_to_deploy(digits_run):

@@ -1,6 +1,6 @@
 """Structured pruning and the benchmark stage inside the pipeline, end to end on tiny configs:
-channel pruning then 2:4 (read back from the ONNX, `optg inspect --pattern 2:4`), the README's
-recipe rebuilding the slimmed model from `structured_plan.json` + `model.safetensors`, resume
+channel pruning then 2:4 (read back from the ONNX, `optg inspect --pattern 2:4`), the guide's
+recipe (docs/guide.md) rebuilding the slimmed model from `structured_plan.json` + `model.safetensors`, resume
 after SIGKILL in the structured fine-tune equal to an uninterrupted run, the latency gate
 (exit 3), and bad `structured` settings (exit 2, nothing written)."""
 import json
@@ -41,8 +41,9 @@ def _config(tiny_config, **changes):
 
 
 def _readme_recipe() -> str:
-    block = re.search(r"<!-- snippet: structured-load -->\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert block, "README lost its structured-load recipe"
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    block = re.search(r"<!-- snippet: structured-load -->\n```python\n(.*?)```", guide, re.S)
+    assert block, "docs/guide.md lost its structured-load recipe"
     return block.group(1)
 
 
@@ -76,10 +77,10 @@ def test_structured_then_24_run_holds_24_and_rebuilds_from_the_plan(tmp_path, ti
     reference_channels = sorted(w.values.shape[0] for w in collect_weights(load_model(run / "reference.onnx")))
     assert reference_channels == sorted(c["before"]["out"] for c in channels.values())  # exported before pruning
 
-    # the README's recipe rebuilds the slimmed model without pruning: same outputs as the ONNX
+    # the guide's recipe rebuilds the slimmed model without pruning: same outputs as the ONNX
     namespace: dict = {}
     recipe = _readme_recipe().replace('Path("runs/quickstart_structured")', repr(str(run)).join(("Path(", ")")))
-    exec(compile(recipe, "README.md", "exec"), namespace)
+    exec(compile(recipe, "docs/guide.md", "exec"), namespace)
     model = namespace["model"].eval()
     x = torch.randn(4, 8, 6, 6)
     session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
