@@ -11,9 +11,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import TYPE_CHECKING, Iterator, NoReturn
 
 from pipeline.exit_codes import EXIT_ERROR, EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:  # the CLI imports torch and the stages only when a command needs them
+    from stages.train import StepHook
 
 
 class _Parser(argparse.ArgumentParser):
@@ -177,7 +180,7 @@ def _run_here(args: argparse.Namespace, cfg, info) -> int:
     quiet = args.quiet or not info.writer  # one rank speaks for the job
     options = RunOptions(out=args.out, force=args.force, quiet=quiet,
                          progress=not quiet and sys.stderr.isatty(), dist=info,
-                         command=[sys.argv[0], *args.argv])
+                         command=[sys.argv[0], *args.argv], on_step=args.on_step)
     runner = Runner(cfg, options)
     try:
         with stdout_to_stderr():  # stdout carries the JSON summary alone, whatever a plugin prints
@@ -219,13 +222,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return run_inspect(args.model, args.pattern, args.json, sys.stdout)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, on_step: StepHook | None = None) -> int:
+    """The `optg` command line; `on_step` is passed to a run's trainers (see `RunOptions`)."""
     from pipeline.config import ConfigError
     from pipeline.rundir import RunDirConflict
     from stages.base import StageConfigError
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.on_step = on_step
     handler = {"run": cmd_run, "check": cmd_check, "inspect": cmd_inspect,
                "schema": cmd_schema}[args.command]
     try:

@@ -26,11 +26,11 @@ from pipeline.config import ConfigError, PipelineConfig, config_hash, dump_yaml,
 from pipeline.distributed import DistInfo, broadcast_object
 from pipeline.manifest import DistributedRecord, Environment, ErrorRecord, Manifest, Status
 from pipeline.rundir import RunDir, RunDirConflict
-from pipeline.stage_table import STAGES, RunContext, Stage, debug_signal_hook
+from pipeline.stage_table import STAGES, RunContext, Stage
 from pipeline.tracking import build_tracking, record_metrics
 from stages.base import ConfigFieldError, GateFailure, StageConfigError, StageError
 from stages.io import WriteError, atomic_write_text
-from stages.train import EpochRecord
+from stages.train import EpochRecord, StepHook
 
 
 class UserExit(StageError):
@@ -45,6 +45,9 @@ class RunOptions:
     progress: bool = False
     dist: DistInfo = DistInfo()  # this process's rank; rank 0 alone writes the run directory
     command: list[str] | None = None  # the command line for the manifest (default sys.argv)
+    # called after every training step (trainer, epoch, step; both 1-based): for a caller that
+    # embeds the runner, e.g. the tests' deterministic interrupts (tests/interrupt.py)
+    on_step: StepHook | None = None
 
 
 @contextmanager
@@ -98,7 +101,7 @@ class Runner:
                        and (stage.all_ranks or options.dist.writer)]
         writer = options.dist.writer  # tracking, like every file, is rank 0's
         self.ctx = RunContext(cfg, self.run, resolve_device(cfg.device), self.log, progress=options.progress,
-                              on_step=debug_signal_hook(), on_epoch=self._log_epoch if writer else None,
+                              on_step=options.on_step, on_epoch=self._log_epoch if writer else None,
                               dist=options.dist)
         self.tracking = build_tracking(cfg.tracking, self.log)  # used on rank 0 only
         self.failed_stage: str | None = None

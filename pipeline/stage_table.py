@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
-import signal
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +42,6 @@ from stages.io import atomic_torch_save, atomic_write, atomic_write_json, safe_t
 from stages.model import build_model
 from stages.tasks import Task, export_view, resolve_task
 from stages.train import EpochRecord, StepHook, TrainConfig, Trainer, evaluate
-
-DEBUG_SIGNAL_ENV = "OPTG_DEBUG_SIGNAL_AT"
 
 
 @dataclass
@@ -671,40 +665,3 @@ STAGES: tuple[Stage, ...] = (
     Stage("report", run_report, epilogue=True, section="report", inputs=("report",), redoable=True,
           all_ranks=False),
 )
-
-
-# --------------------------------------------------------------------------- debug hook
-
-
-def debug_signal_hook(spec: str | None = None) -> StepHook | None:
-    """`OPTG_DEBUG_SIGNAL_AT=PHASE:EPOCH:STEP[:SIGNAL[:RANK]]` (README, "The tests"): after
-    training step STEP of epoch EPOCH (both 1-based) of PHASE (dense, sparse, or structured-N:
-    the fine-tune after structured pruning step N), the process sends itself SIGNAL (INT, the
-    default, behaves like Ctrl-C; KILL like a hard kill); with RANK, only the torchrun process of
-    that rank does. The resume and fault tests use it to interrupt a run at an exact point;
-    unset, nothing is installed."""
-    spec = os.environ.get(DEBUG_SIGNAL_ENV) if spec is None else spec
-    if not spec:
-        return None
-    parts = spec.split(":")
-    try:
-        phase, epoch, step = parts[0], int(parts[1]), int(parts[2])
-        sig = signal.Signals[f"SIG{parts[3] if len(parts) > 3 else 'INT'}"]
-        only_rank = int(parts[4]) if len(parts) > 4 else None
-        known = phase in ("dense", "sparse") or re.fullmatch(r"structured-[1-9][0-9]*", phase)
-        if len(parts) > 5 or not known or epoch < 1 or step < 1:
-            raise ValueError(spec)
-    except (IndexError, KeyError, ValueError):
-        raise ConfigError([f"{DEBUG_SIGNAL_ENV}={spec!r}: expected PHASE:EPOCH:STEP[:SIGNAL[:RANK]], "
-                           "e.g. sparse:3:5:INT (phase dense, sparse or structured-N, epoch and step from 1)"],
-                          "environment") from None
-    if only_rank is not None and only_rank != int(os.environ.get("RANK", "0")):
-        return None
-
-    def hook(trainer: Trainer, at_epoch: int, at_step: int) -> None:
-        if (trainer.phase, at_epoch, at_step) == (phase, epoch, step):
-            print(f"[debug] {DEBUG_SIGNAL_ENV}: sending {sig.name} at {phase} epoch {epoch} step {step}",
-                  file=sys.stderr, flush=True)
-            os.kill(os.getpid(), sig)
-    return hook
-

@@ -181,8 +181,9 @@ StepHook = Callable[["Trainer", int, int], None]
 class Trainer:
     """Runs epochs [next_epoch, cfg.epochs) of one phase, optionally with a sparsifier.
 
-    `on_step` (optional) is called after every optimiser step; the pipeline uses it only for its
-    documented debug hook that interrupts a run at an exact step (README, "The tests").
+    `on_step` (optional) is called after every optimiser step (trainer, epoch, step; 1-based):
+    the seam a caller that embeds the runner uses (`RunOptions.on_step`), e.g. the tests'
+    interrupts at an exact step (tests/interrupt.py).
     """
 
     def __init__(self, model: nn.Module, bundle: DataBundle, cfg: TrainConfig, *, phase: str,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.stage_table import DEBUG_SIGNAL_ENV, debug_signal_hook
+from tests.interrupt import interrupt_env, signal_hook
 from stages.io import sha256_file
 
 
@@ -101,17 +101,16 @@ INTERRUPT_EPOCH, INTERRUPT_STEP = 3, 5  # sparse phase: 6 epochs of 72 steps eac
 
 @pytest.mark.parametrize("how", ["KILL", "INT"], ids=["sigkill", "ctrl-c"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_config, how):
-    """The run signals itself after step 5 of sparse epoch 3 (the documented debug hook), so the
+    """The run signals itself after step 5 of sparse epoch 3 (the tests' interrupt hook), so the
     interruption lands mid-epoch every time; the resumed run equals an uninterrupted one."""
     cfg = _resume_config(tiny_config)
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop(DEBUG_SIGNAL_ENV, None)
+    env = interrupt_env(tmp_path, None, {**os.environ, "PYTHONHASHSEED": "0"})
     reference = tmp_path / "reference"
     subprocess.run(_cli(cfg, reference), check=True, env=env, cwd=tmp_path)
 
     run = tmp_path / "run"
     at = f"sparse:{INTERRUPT_EPOCH}:{INTERRUPT_STEP}:{how}"
-    proc = subprocess.run(_cli(cfg, run), env={**env, DEBUG_SIGNAL_ENV: at}, cwd=tmp_path,
+    proc = subprocess.run(_cli(cfg, run), env=interrupt_env(tmp_path, at, env), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert f"sending SIG{how} at sparse epoch {INTERRUPT_EPOCH} step {INTERRUPT_STEP}" in proc.stderr
     if how == "INT":
@@ -137,14 +136,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_conf
     assert [h["val_accuracy"] for h in m["history"]] == [h["val_accuracy"] for h in ref["history"]]
 
 
-def test_debug_signal_hook_spec_is_checked():
-    assert debug_signal_hook("") is None
-    with pytest.raises(ConfigError, match="expected PHASE:EPOCH:STEP"):
-        debug_signal_hook("sparse:0:1")
-    with pytest.raises(ConfigError, match="expected PHASE:EPOCH:STEP"):
-        debug_signal_hook("warmup:1:1:INT")
-    with pytest.raises(ConfigError, match="expected PHASE:EPOCH:STEP"):
-        debug_signal_hook("sparse:1:1:NOPE")
+def test_the_tests_interrupt_spec_is_checked():
+    assert signal_hook("sparse:1:1:INT:7") is None  # another rank's
+    for bad in ("", "sparse:0:1", "warmup:1:1:INT", "sparse:1:1:NOPE"):
+        with pytest.raises(ValueError, match="expected PHASE:EPOCH:STEP"):
+            signal_hook(bad)
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])

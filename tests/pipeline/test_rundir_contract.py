@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.stage_table import DEBUG_SIGNAL_ENV
+from tests.interrupt import signal_hook
 from stages.io import sha256_file
 from tests.pipeline.conftest import TINY
 
@@ -271,14 +271,15 @@ def test_a_plugin_calling_sys_exit_0_fails_the_run(tmp_path, monkeypatch, capsys
 # --------------------------------------------------------------------------- following a run
 
 
-def test_manifest_and_metrics_csv_hold_every_finished_epoch_of_an_interrupted_run(tmp_path, monkeypatch):
+def test_manifest_and_metrics_csv_hold_every_finished_epoch_of_an_interrupted_run(tmp_path):
     tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    monkeypatch.setenv(DEBUG_SIGNAL_ENV, "sparse:2:1:INT")  # after dense 2 epochs and sparse epoch 1
     cfg = _config(tmp_path / "fast.yaml", train={"epochs": 2, "optimizer": {"lr": 0.05}},
                   sparsity={**FAST["sparsity"], "epochs": 3}, export={"enabled": False}, verify={"enabled": False},
                   tracking={"tensorboard": {"log_dir": str(tmp_path / "tb")}})
     run = tmp_path / "run"
-    assert _run(cfg, run) == 130
+    interrupted = main(["run", str(cfg), "--out", str(run), "--quiet"],
+                       on_step=signal_hook("sparse:2:1:INT"))  # after dense 2 epochs and sparse epoch 1
+    assert interrupted == 130
     m = _manifest(run)
     assert m["status"] == "interrupted"
     assert [(h["phase"], h["epoch"]) for h in m["history"]] == [("dense", 0), ("dense", 1), ("sparse", 0)]
@@ -288,7 +289,6 @@ def test_manifest_and_metrics_csv_hold_every_finished_epoch_of_an_interrupted_ru
     assert [float(r["train_loss"]) for r in rows] == [h["train_loss"] for h in m["history"]]
     assert m["artifacts"]["metrics.csv"]["sha256"] == sha256_file(run / "metrics.csv")
 
-    monkeypatch.delenv(DEBUG_SIGNAL_ENV)
     assert _run(cfg, run) == 0  # resumed: the tracker gets the earlier epochs replayed, each step once
     rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     assert [(r["phase"], int(r["epoch"])) for r in rows] == [("dense", 0), ("dense", 1), *(("sparse", i) for i in

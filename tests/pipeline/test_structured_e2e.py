@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.stage_table import DEBUG_SIGNAL_ENV
+from tests.interrupt import interrupt_env
 from stages.io import sha256_file
 from stages.onnx_sparsity import check_nm, collect_weights, load_model, must_hold
 
@@ -90,17 +90,16 @@ def test_structured_then_24_run_holds_24_and_rebuilds_from_the_plan(tmp_path, ti
 
 
 def test_resume_after_sigkill_in_structured_finetune_matches_uninterrupted_run(tmp_path, tiny_config):
-    """SIGKILL after step 3 of fine-tune epoch 2 (the debug hook, phase structured-1): epoch 1 is
+    """SIGKILL after step 3 of fine-tune epoch 2 (the tests' interrupt hook, phase structured-1): epoch 1 is
     checkpointed; the resumed run rebuilds the slimmed model from the saved plan, finishes the
     fine-tune, and every artifact equals the uninterrupted run's."""
     cfg = _config(tiny_config)
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop(DEBUG_SIGNAL_ENV, None)
+    env = interrupt_env(tmp_path, None, {**os.environ, "PYTHONHASHSEED": "0"})
     reference = tmp_path / "reference"
     subprocess.run(_cli(cfg, reference), check=True, env=env, cwd=tmp_path, timeout=600)
 
     run = tmp_path / "run"
-    proc = subprocess.run(_cli(cfg, run), env={**env, DEBUG_SIGNAL_ENV: "structured-1:2:3:KILL"}, cwd=tmp_path,
+    proc = subprocess.run(_cli(cfg, run), env=interrupt_env(tmp_path, "structured-1:2:3:KILL", env), cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "sending SIGKILL at structured-1 epoch 2 step 3" in proc.stderr

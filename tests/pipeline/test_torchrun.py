@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.cli import main
-from pipeline.stage_table import DEBUG_SIGNAL_ENV
+from tests.interrupt import SITE as INTERRUPT_SITE
+from tests.interrupt import SPEC_ENV
 from stages.io import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,11 +76,11 @@ GUARD = textwrap.dedent('''
 
 
 def _env(tmp: Path, guard_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (DEBUG_SIGNAL_ENV, "RANK", "WORLD_SIZE",
+    env = {k: v for k, v in os.environ.items() if k not in (SPEC_ENV, "RANK", "WORLD_SIZE",
                                                              "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     site = tmp / "site"
     site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(GUARD)
+    (site / "sitecustomize.py").write_text(GUARD + "\n" + INTERRUPT_SITE)  # the guard and the tests' interrupts
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
     env.update(OMP_NUM_THREADS="1", PYTHONHASHSEED="0", OPTG_DIST_TIMEOUT="60")
     if guard_dir is not None:
@@ -152,7 +153,7 @@ def test_killed_rank_ends_the_job_and_the_same_command_resumes(runs):
     tmp, cfg = runs["tmp"], runs["cfg"]
     out = tmp / "killed"
     command = [*_torchrun("--standalone", "--nproc-per-node=2"), str(cfg), "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(command, env=_env(tmp, **{DEBUG_SIGNAL_ENV: "sparse:1:2:KILL:1"}), cwd=tmp,
+    proc = subprocess.Popen(command, env=_env(tmp, **{SPEC_ENV: "sparse:1:2:KILL:1"}), cwd=tmp,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     killed_at, lines = None, []
@@ -175,12 +176,12 @@ def test_killed_rank_ends_the_job_and_the_same_command_resumes(runs):
 
 
 def test_nproc_launcher_ctrl_c_exits_130_and_resumes(runs):
-    """Ctrl-C reaches every process of the foreground group; the debug hook sends SIGINT to
+    """Ctrl-C reaches every process of the foreground group; the tests' interrupt hook sends SIGINT to
     both ranks after the same step, which is what a terminal does to them."""
     tmp, cfg = runs["tmp"], runs["cfg"]
     out = tmp / "nproc"
     command = [sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--out", str(out), "--quiet", "--nproc", "2"]
-    proc = subprocess.run(command, env=_env(tmp, **{DEBUG_SIGNAL_ENV: "sparse:2:1:INT"}), cwd=tmp,
+    proc = subprocess.run(command, env=_env(tmp, **{SPEC_ENV: "sparse:2:1:INT"}), cwd=tmp,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert _manifest(out)["status"] == "interrupted"
@@ -232,14 +233,13 @@ def test_structured_under_several_processes_is_a_config_error(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_debug_hook_rank_selects_one_process(monkeypatch):
-    from pipeline.config import ConfigError
-    from pipeline.stage_table import debug_signal_hook
+def test_interrupt_hook_rank_selects_one_process(monkeypatch):
+    from tests.interrupt import signal_hook
 
     monkeypatch.setenv("RANK", "0")
-    assert debug_signal_hook("sparse:1:2:KILL:1") is None  # meant for rank 1 only
-    assert debug_signal_hook("sparse:1:2:KILL") is not None  # no rank: every process
+    assert signal_hook("sparse:1:2:KILL:1") is None  # meant for rank 1 only
+    assert signal_hook("sparse:1:2:KILL") is not None  # no rank: every process
     monkeypatch.setenv("RANK", "1")
-    assert debug_signal_hook("sparse:1:2:KILL:1") is not None
-    with pytest.raises(ConfigError, match="PHASE:EPOCH:STEP"):
-        debug_signal_hook("sparse:1:2:KILL:1:extra")
+    assert signal_hook("sparse:1:2:KILL:1") is not None
+    with pytest.raises(ValueError, match="PHASE:EPOCH:STEP"):
+        signal_hook("sparse:1:2:KILL:1:extra")
