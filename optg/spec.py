@@ -161,7 +161,7 @@ class SparsitySpec(BaseModel):
     score_momentum: float = Field(0.9, ge=0, lt=1, description="learned scores: SGD momentum")
     score_lr_factor: float = Field(1.0, ge=0, description="learned scores: lr = this * weight lr * p(e)/p_target")
     freeze_scores_last: int = Field(0, ge=0, description="learned scores: no updates in the last k epochs")
-    # ---- starting from trained weights (see `for_start` and README "OptG as implemented")
+    # ---- starting from trained weights (see `for_start` and docs/library.md "OptG as implemented")
     start: Literal["auto", "scratch", "pretrained"] = Field(
         "auto", description="scratch: the authors' OptG; pretrained: the PRETRAINED settings for "
                             "every field not set; auto: pretrained when training starts from trained weights")

@@ -339,7 +339,7 @@ def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
             continue
         if err["type"] == "extra_forbidden":
             owner = _model_at(loc)
-            valid = ", ".join(owner.model_fields) if owner else "see the README's config reference"
+            valid = ", ".join(owner.model_fields) if owner else "see docs/config.md (optg schema --markdown)"
             problems.append((path, f"unknown key (valid keys here: {valid})"))
             continue
         message = err["msg"].removeprefix("Value error, ")
@@ -459,7 +459,7 @@ def _tokenizer_problems(data: DataConfig, folder: Path | None) -> list[tuple[str
 
 
 def resolve_config_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Paths the README defines relative to the config file, made absolute: `model.name:
+    """Paths docs/config.md defines relative to the config file, made absolute: `model.name:
     hf:<dir>` and `data.options.tokenizer`. The resolved config (and its hash) then names the
     folder it used wherever it is reloaded from (the run directory's config.yaml)."""
     model, data = raw.get("model"), raw.get("data")

@@ -1,4 +1,4 @@
-"""Exit codes of the `optg` CLI: a stable contract for release scripts (see README)."""
+"""Exit codes of the `optg` CLI: a stable contract for release scripts (README, "Artifacts and exit codes")."""
 EXIT_OK = 0           # ok
 EXIT_ERROR = 1        # anything else
 EXIT_USAGE = 2        # config or usage error; unreadable ONNX file for inspect

@@ -1,6 +1,6 @@
 """The typed manifest: what `manifest.json` holds, one model per section.
 
-The JSON keys are the README's ("Artifacts"); a key appears once it has been set (a run that
+The JSON keys are docs/manifest.md's; a key appears once it has been set (a run that
 stopped at `validate` has no `export` key), exactly as the manifest grows stage by stage. Stage
 results stay typed (`BakedLayer`, `EpochRecord`, `VerifyResult`, the export record) until they
 are written.

@@ -24,7 +24,7 @@ stored tensor's shape is `stored_shape`. Reduction axis: Conv weight [K, C/g, *k
 of all other axes. Integer ops (ConvInteger, QLinearConv, MatMulInteger, QLinearMatMul) count a
 weight as zero where it equals its zero point.
 
-Eligibility (README, "N:M and 2:4"): hardware 2:4 needs the reduction size C % 4 == 0 and an
+Eligibility (docs/library.md, "N:M and 2:4"): hardware 2:4 needs the reduction size C % 4 == 0 and an
 ungrouped layer; TensorRT only picks sparse kernels where they pay off, so a layer with fewer than
 `TINY_NUMEL` weights or `C < TINY_C` is reported as eligible but not `likely_faster`. apex ASP's
 stricter rule (K % 8 == 0 and C % 16 == 0) is reported separately.

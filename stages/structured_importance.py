@@ -11,7 +11,7 @@ lower scores are removed first. Three are registered (`IMPORTANCES`):
   `taylor_batches` batches (model in eval mode, so BatchNorm statistics are not touched);
 - `optg`: OptG's learned scores (`OptGImportance`, written here: Torch-Pruning has no learned
   importance). `learn_optg_scores` trains a score per weight of every Conv/Linear exactly as
-  OptG's supermask training does (README, "OptG as implemented"): zero-initialised, updated by
+  OptG's supermask training does (docs/library.md, "OptG as implemented"): zero-initialised, updated by
   SGD (momentum 0.9, no weight decay, learning rate `lr * p(t)`), with the straight-through
   gradient `dL/ds = dL/d(w*m) * w` at every position, masked ones included, while the weights
   train with `dL/dw = dL/d(w*m) * m`. The mask is structured: a channel is masked by zeroing its

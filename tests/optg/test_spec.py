@@ -156,7 +156,7 @@ def test_a_registered_schedule_is_usable_with_its_own_settings(step_schedule):
     assert sp.fraction == 0.5 and sp.sparsity() == pytest.approx(0.4, abs=0.01)
     sp.start_epoch(2)
     assert sp.fraction == 1.0 and sp.sparsity() == pytest.approx(0.8, abs=0.01)
-    # keyword form, as README's create(schedule=..., schedule_options=...)
+    # keyword form, as docs/library.md's create(schedule=..., schedule_options=...)
     kw = optg.create("gmp", mlp(), target=0.8, epochs=4, schedule=step_schedule, schedule_options={"at": 3})
     assert kw.schedule.at == 3.0
 
