@@ -67,9 +67,12 @@ class SigmoidSchedule:
 
     one_shot: ClassVar[bool] = False
     epochs: int = Field(strict=True, ge=1)
-    beta: float | None = Field(strict=True, default=None, gt=0)
-    center: float | None = Field(strict=True, default=None)
-    final_epochs: int | None = Field(strict=True, default=None, ge=1)
+    beta: float | None = Field(strict=True, default=None, gt=0,
+                               description="steepness; default 20 / E (E: sparse epochs)")
+    center: float | None = Field(strict=True, default=None, description=(
+        "epoch of the ramp's midpoint; default 0.4 E (from trained weights: see `sparsity.start`)"))
+    final_epochs: int | None = Field(strict=True, default=None, ge=1,
+                                     description="last epochs held at the target; default ceil(E / 4)")
 
     def __post_init__(self) -> None:
         if self.beta is None:
@@ -103,8 +106,9 @@ class CubicSchedule:
 
     one_shot: ClassVar[bool] = False
     epochs: int = Field(strict=True, ge=1)
-    start: float = Field(strict=True, default=0.0, ge=0)
-    end: float | None = Field(strict=True, default=None, gt=0)
+    start: float = Field(strict=True, default=0.0, ge=0, description="epoch the ramp starts")
+    end: float | None = Field(strict=True, default=None, gt=0,
+                              description="epoch the target is reached; default 0.75 E")
 
     def __post_init__(self) -> None:
         if self.end is None:

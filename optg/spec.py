@@ -59,9 +59,11 @@ class ScheduleSpec(BaseModel):
     """A schedule by registered name (None: the method's), its settings as further keys:
     `{name: sigmoid, beta: 1.0, center: 50}`. Settings are checked against the schedule."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
     name: str | None = None
+    """a registered schedule (its settings: see Per-name options); null: the method's (optg sigmoid, gmp cubic, others
+    constant)"""
 
     @field_validator("name")
     @classmethod
@@ -138,12 +140,14 @@ def warmup_steps(total_steps: int) -> int:
 class SparsitySpec(BaseModel):
     """Method, pattern and target, plug-ins and their settings, layer selection."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True,
+                              use_attribute_docstrings=True)
 
     method: str = Field(description="registered method: optg, gmp, snip, random, oneshot, srste, ...")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' such as '2:4'")
     target: float | None = Field(None, gt=0, lt=1, description="fraction of zeros; unstructured only")
     allocation: Allocation = "global"
+    """global: one threshold over all layers (OptG) | layerwise: the same sparsity in every layer"""
     epochs: int | None = Field(None, ge=1, description="sparse-training length (sigmoid and cubic need it)")
     schedule: ScheduleSpec | Schedule = Field(default_factory=ScheduleSpec,
                                               description="None = the method's; or a Schedule instance")
@@ -151,9 +155,13 @@ class SparsitySpec(BaseModel):
     forward: str | ForwardRule | None = Field(None, description="None = the method's; or an instance")
     update_every_steps: int | None = Field(None, ge=1, description="also recompute masks every k steps")
     types: list[str] = Field(default_factory=lambda: list(default_types()))
+    """layer types whose weights are targets (the `optg.weights` registry)"""
     include: list[str] = Field(default_factory=list)
+    """regexes on module names; empty: every module of `types`"""
     exclude: list[str] = Field(default_factory=list)
+    """regexes on module names left dense"""
     overrides: dict[str, str | float] = Field(default_factory=dict)
+    """regex on module names -> `dense`, an `N:M` pattern or a sparsity, e.g. `{'^fc$': dense}`"""
     calibration_batches: int | None = Field(None, ge=1, description=(
         "batches a data-aware method calibrates on; None = the method's: 8 for wanda and sparsegpt, 4 for snip"))
     sparsegpt_percdamp: float = Field(0.01, ge=0, lt=1, description="SparseGPT: dampening, a fraction of mean(diag H)")

@@ -191,21 +191,27 @@ with warnings.catch_warnings():
         """The whole run. `train` is the optional dense phase before sparse training."""
 
         name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+        """run directory `runs/<name>`; letters, digits, `_ . -`"""
         seed: int = Field(0, ge=0, le=2**32 - 1, description="0 .. 4294967295")
         device: Literal["auto", "cpu", "cuda"] = "auto"
+        """where training runs; auto: CUDA when available. CPU runs are deterministic given the seed"""
         task: str = Field("classification", description="classification | sequence_classification | causal_lm | "
                           "package.module:callable (see stages.tasks)")
         data: DataConfig
         model: ModelConfig
         train: TrainConfig | None = None
+        """optional dense phase; its test metric is the gates' reference"""
         structured: StructuredConfig | None = None
+        """optional: remove whole channels before sparse training"""
         sparsity: SparsityConfig
         validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # shadows BaseModel.validate
         export: ExportConfig = ExportConfig()
         verify: VerifyConfig = VerifyConfig()
         benchmark: BenchmarkConfig = BenchmarkConfig()
         report: ReportConfig = ReportConfig()
+        """report.md (and its figure) in the run directory"""
         tracking: TrackingConfig | None = None
+        """optional: log the run to MLflow and/or TensorBoard"""
 
         @model_validator(mode="after")
         def _inherit_train_settings(self) -> "PipelineConfig":

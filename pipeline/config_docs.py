@@ -8,9 +8,9 @@ fails when `docs/config.md` is not this module's output. Per-name schemas get th
 tables: the options of every built-in dataset (`data.options`) and model (`model.options`),
 and the settings of every registered schedule (`sparsity.schedule`).
 
-A description is, in order: the field's `Field(description=...)`, its entry in the owning
-model's docstring (`name: text` lines, as the stage configs write them), or `NOTES` below for
-fields that have neither yet.
+A description is the field's own: `Field(description=...)` or the docstring right below the
+field (pydantic's `use_attribute_docstrings`, on every config model), else its entry in the
+owning model's docstring (`name: text` lines, as some stage configs write them).
 """
 from __future__ import annotations
 
@@ -39,86 +39,6 @@ from stages.data.text import TEXT_SCHEMAS, TEXT_SOURCES
 from stages.zoo import MODELS, options_schema
 
 REGENERATE = "optg schema --markdown > docs/config.md"
-
-# Descriptions of fields whose model gives none (neither `Field(description=...)` nor a
-# docstring entry), keyed `ModelClass.field`; they apply wherever that model is used (and to
-# its subclasses). A description added to the model itself takes precedence, and
-# `unused_notes()` then names the note to delete.
-NOTES: dict[str, str] = {
-    "PipelineConfig.name": "run directory `runs/<name>`; letters, digits, `_ . -`",
-    "PipelineConfig.device": "where training runs; auto: CUDA when available. CPU runs are deterministic given "
-                             "the seed",
-    "PipelineConfig.train": "optional dense phase; its test metric is the gates' reference",
-    "PipelineConfig.structured": "optional: remove whole channels before sparse training",
-    "PipelineConfig.tracking": "optional: log the run to MLflow and/or TensorBoard",
-    "PipelineConfig.report": "report.md (and its figure) in the run directory",
-    "DataConfig.eval_batch_size": "batch size of evaluation",
-    "TrainConfig.epochs": "epochs of this phase",
-    "TrainConfig.warmup_epochs": "linear learning-rate warm-up, then cosine to zero, per step",
-    "TrainConfig.label_smoothing": "cross-entropy label smoothing",
-    "TrainConfig.grad_clip": "clip the gradient norm to this value; null: no clipping",
-    "OptimizerConfig.name": "sgd or adamw",
-    "OptimizerConfig.lr": "peak learning rate of the weights",
-    "OptimizerConfig.momentum": "SGD momentum",
-    "OptimizerConfig.nesterov": "SGD with Nesterov momentum",
-    "OptimizerConfig.weight_decay": "on weights only, never on OptG scores",
-    "StructuredConfig.finetune_epochs": "fine-tuning epochs after every pruning step, with `train`'s optimiser "
-                                        "(else `sparsity`'s)",
-    "ReductionTarget.macs": "fraction of the dense model's MACs removed",
-    "ReductionTarget.params": "fraction of the dense model's parameters removed",
-    "SparsitySpec.allocation": "global: one threshold over all layers (OptG) | layerwise: the same sparsity "
-                               "in every layer",
-    "SparsitySpec.types": "layer types whose weights are targets (the `optg.weights` registry)",
-    "SparsitySpec.include": "regexes on module names; empty: every module of `types`",
-    "SparsitySpec.exclude": "regexes on module names left dense",
-    "SparsitySpec.overrides": "regex on module names -> `dense`, an `N:M` pattern or a sparsity, e.g. "
-                              "`{'^fc$': dense}`",
-    "ScheduleSpec.name": "a registered schedule (its settings: see Per-name options); null: the method's "
-                         "(optg sigmoid, gmp cubic, others constant)",
-    "ValidateConfig.max_accuracy_drop": "dense minus sparse test accuracy, e.g. 0.01 = one point; needs `train` "
-                                        "or `model.weights`",
-    "ValidateConfig.min_accuracy": "absolute gate on the sparse test accuracy; needs no dense reference",
-    "ExportConfig.enabled": "write model.onnx",
-    "ExportConfig.opset": "ONNX opset, 17 to 23",
-    "ExportConfig.dtype": "weights and activations of model.onnx",
-    "ExportConfig.dynamic_batch": "the batch dimension is dynamic (by name) in the graph",
-    "ExportConfig.input_name": "the graph's input tensor name",
-    "ExportConfig.output_name": "the graph's output tensor name",
-    "ExportConfig.compact": "also write model.compact.onnx with sparse initializers",
-    "ExportConfig.exporter": "auto: torch.export + onnxscript, TorchScript as fallback",
-    "ExportConfig.calibration_method": "int8: how activation ranges are calibrated",
-    "VerifyConfig.enabled": "check model.onnx against PyTorch and read its pattern back",
-    "VerifyConfig.atol": "parity tolerance; null: 1e-4 for fp32, 1e-2 for fp16",
-    "VerifyConfig.rtol": "parity tolerance; null: 1e-3 for fp32, 1e-2 for fp16",
-    "VerifyConfig.num_samples": "validation inputs compared against PyTorch",
-    "VerifyConfig.check_pattern": "read every weight back from the file and check its pattern",
-    "VerifyConfig.sparsity_tolerance": "how far a weight's sparsity may fall short of its target",
-    "BenchmarkConfig.enabled": "time reference.onnx against model.onnx in ONNX Runtime after export; needs "
-                               "export.enabled",
-    "BenchmarkConfig.batch_sizes": "batch sizes timed",
-    "BenchmarkConfig.seed": "seed of the random input",
-    "ReportConfig.plot": "write training.png beside report.md",
-    "TrackingConfig.mlflow": "log to MLflow (the `mlflow` extra)",
-    "TrackingConfig.tensorboard": "log to TensorBoard (the `tensorboard` extra)",
-    "SyntheticOptions.shape": "one sample's shape",
-    "SyntheticOptions.num_classes": "number of classes",
-    "SyntheticOptions.num_samples": "samples generated (then split)",
-    "SyntheticOptions.noise": "standard deviation of the noise added to each class template",
-    "TextOptions.seq_len": "tokens per sample: block length (causal LM), truncation/padding length "
-                           "(classification)",
-    "TextOptions.tokenizer": "a tokenizer.json file or its folder, relative to the config file; default: the "
-                             "`hf:` model folder's",
-    "DocstringOptions.packages": "standard-library packages (or top-level modules) whose docstrings are the "
-                                 "classes",
-    "DocstringOptions.min_chars": "shortest docstring kept",
-    "SigmoidSchedule.beta": "steepness; default 20 / E (E: sparse epochs)",
-    "SigmoidSchedule.center": "epoch of the ramp's midpoint; default 0.4 E (from trained weights: see "
-                              "`sparsity.start`)",
-    "SigmoidSchedule.final_epochs": "last epochs held at the target; default ceil(E / 4)",
-    "CubicSchedule.start": "epoch the ramp starts",
-    "CubicSchedule.end": "epoch the target is reached; default 0.75 E",
-}
-
 
 @dataclass(frozen=True)
 class Row:
@@ -276,11 +196,6 @@ def _fields(model: type) -> Mapping[str, FieldInfo]:
 # --------------------------------------------------------------------------- sections
 
 
-def _note(model: type, name: str, notes: Mapping[str, str]) -> str | None:
-    """The note for field `name` of `model` or of the base class that declares it."""
-    return next((notes[key] for cls in model.__mro__ if (key := f"{cls.__name__}.{name}") in notes), None)
-
-
 def _own_description(model: type, name: str) -> str | None:
     """What the model itself says about a field: `Field(description=...)` or its docstring entry."""
     return _fields(model)[name].description or _owner_docs(model)[1].get(name)
@@ -294,7 +209,7 @@ def _rows(model: type, prefix: str, skip: tuple[str, ...] = ()) -> list[Row]:
             continue
         sections = _sections_in(field.annotation)
         kind = type_text(field.annotation) or "any"
-        description = _own_description(model, name) or _note(model, name, NOTES) or ""
+        description = _own_description(model, name) or ""
         default = default_text(field)
         if sections:
             kind = kind.replace("mapping", "section")
@@ -341,38 +256,6 @@ def option_sections() -> list[Section]:
         out.append(Section(f"`sparsity.schedule.name: {name}`", _first_paragraph(cls.__doc__),
                            _rows(cls, "sparsity.schedule.", skip=("epochs",))))
     return out
-
-
-def _documented_models() -> list[type]:
-    """Every model class whose fields the reference renders."""
-    found: list[type] = []
-
-    def add(model: type) -> None:
-        if model not in found:
-            found.append(model)
-            for field in _fields(model).values():
-                for sub in _sections_in(field.annotation):
-                    add(sub)
-
-    add(PipelineConfig)
-    for dataset in DATASET_SCHEMAS.values():
-        add(dataset.options)
-    for options, _ in TEXT_SCHEMAS.values():
-        add(options)
-    for name in SCHEDULES.names():
-        add(SCHEDULES.get(name))
-    return found
-
-
-def unused_notes() -> list[str]:
-    """NOTES keys that name no rendered field, or whose field now describes itself (delete them)."""
-    used: set[str] = set()
-    for model in _documented_models():
-        for name in _fields(model):
-            owner = next((cls for cls in model.__mro__ if f"{cls.__name__}.{name}" in NOTES), None)
-            if owner is not None and not _own_description(model, name):
-                used.add(f"{owner.__name__}.{name}")
-    return sorted(set(NOTES) - used)
 
 
 def undescribed_keys() -> list[str]:

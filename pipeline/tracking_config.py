@@ -93,4 +93,6 @@ class TrackingConfig(StrictModel):
     """Experiment tracking; each backend is off unless its section is present."""
 
     mlflow: MlflowConfig | None = None
+    """log to MLflow (the `mlflow` extra)"""
     tensorboard: TensorBoardConfig | None = None
+    """log to TensorBoard (the `tensorboard` extra)"""

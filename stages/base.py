@@ -20,7 +20,7 @@ class StrictModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True,
-                              allow_inf_nan=False)
+                              allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,15 @@ class BenchmarkConfig(StrictModel):
     """Latency measurement settings (the `benchmark:` section)."""
 
     enabled: bool = True
+    """time reference.onnx against model.onnx in ONNX Runtime after export; needs export.enabled"""
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    """batch sizes timed"""
     repeats: int = Field(30, ge=3, description="timed calls per model and batch size (median)")
     warmup: int = Field(5, ge=0, description="untimed calls per model and batch size first")
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads (stated in results)")
     cuda: bool = Field(True, description="also time CUDAExecutionProvider when it is installed")
     seed: int = 0
+    """seed of the random input"""
     sequence_lengths: list[int] | None = Field(
         None, min_length=1, description="token models: sequence lengths timed with every batch size "
         "(default: data.options.seq_len)")

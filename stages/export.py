@@ -53,18 +53,27 @@ class ExportConfig(StrictModel):
     """How to write the ONNX file."""
 
     enabled: bool = True
+    """write model.onnx"""
     opset: int = 18
+    """ONNX opset, 17 to 23"""
     dtype: Literal["fp32", "fp16"] = "fp32"
+    """weights and activations of model.onnx"""
     dynamic_batch: bool = True
+    """the batch dimension is dynamic (by name) in the graph"""
     input_name: str = "input"
+    """the graph's input tensor name"""
     output_name: str = "logits"
+    """the graph's output tensor name"""
     compact: bool = False
+    """also write model.compact.onnx with sparse initializers"""
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    """auto: torch.export + onnxscript, TorchScript as fallback"""
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: also write model.int8.onnx, a calibrated static INT8 QDQ form placed for sparse "
         "INT8 kernels (stages.quantize)")
     calibration_batches: int = Field(8, ge=1, description="training batches that calibrate the int8 activations")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    """int8: how activation ranges are calibrated"""
 
     @field_validator("opset")
     @classmethod

@@ -19,6 +19,7 @@ from stages.train import EpochRecord
 
 class ReportConfig(StrictModel):
     plot: bool = True
+    """write training.png beside report.md"""
 
 
 class StageRow(BaseModel):

@@ -88,7 +88,9 @@ class ReductionTarget(StrictModel):
     the fraction removed (0.5 = half the MACs of the dense model)."""
 
     macs: float | None = None
+    """fraction of the dense model's MACs removed"""
     params: float | None = None
+    """fraction of the dense model's parameters removed"""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ReductionTarget:
@@ -139,6 +141,7 @@ class StructuredConfig(StrictModel):
     taylor_batches: int = Field(8, ge=1)
     iterative_steps: int = Field(1, ge=1)
     finetune_epochs: int = Field(0, ge=0)
+    """fine-tuning epochs after every pruning step, with `train`'s optimiser (else `sparsity`'s)"""
     allocation: Literal["global", "layerwise"] = "global"
     ignore: list[str] = Field(default_factory=lambda: [STEM, CLASSIFIER])
     round_to: int | None = Field(8, ge=1)
@@ -248,7 +251,7 @@ def trainer_finetune(bundle: DataBundle, train: TrainConfig, *, device: torch.de
                      on_step: StepHook | None = None) -> FineTune:
     """A `FineTune` that runs `stages.train.Trainer` for `epochs` with `train`'s optimiser
     settings, as phase "structured-<step>" (its own seed stream). A fresh Trainer per step:
-    pruning replaced the parameters the previous optimiser held. `on_epoch_end(trainer)` can
+    pruning replaced the parameters the previous optimiser held. `on_epoch_end(trainer, step)` can
     checkpoint `trainer.state_dict()`; `load_state(step)` returns such a state (or None) to
     resume an interrupted fine-tune; `on_step` is the Trainer's per-step hook. The callbacks get
     the step as a value (never parsed back out of the phase name)."""

@@ -33,10 +33,15 @@ class OptimizerConfig(StrictModel):
     never to OptG scores (those have their own optimiser)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
+    """sgd or adamw"""
     lr: float = Field(0.1, gt=0)
+    """peak learning rate of the weights"""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum"""
     nesterov: bool = False
+    """SGD with Nesterov momentum"""
     weight_decay: float = Field(5e-4, ge=0)
+    """on weights only, never on OptG scores"""
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), strict=False,  # a YAML list fills it; items stay strict
                                      description="AdamW's (beta1, beta2), each in [0, 1)")
 
@@ -45,11 +50,15 @@ class TrainConfig(StrictModel):
     """A training phase: epochs, optimiser, cosine LR with linear warm-up."""
 
     epochs: int = Field(ge=1)
+    """epochs of this phase"""
     optimizer: OptimizerConfig = OptimizerConfig()
     warmup_epochs: int = Field(0, ge=0)
+    """linear learning-rate warm-up, then cosine to zero, per step"""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """cross-entropy label smoothing"""
     amp: bool = Field(True, description="bf16 autocast on CUDA devices that support it; ignored on CPU")
     grad_clip: float | None = Field(None, gt=0)
+    """clip the gradient norm to this value; null: no clipping"""
     compile: bool = Field(False, description="torch.compile the training forward/backward; needs a "
                           "C++ compiler on CPU, and compiling takes a while before the first step")
 

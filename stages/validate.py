@@ -25,7 +25,9 @@ class ValidateConfig(StrictModel):
     """Gates on the test split; see the module docstring for which apply to which task."""
 
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    """dense minus sparse test accuracy, e.g. 0.01 = one point; needs `train` or `model.weights`"""
     min_accuracy: float | None = Field(None, ge=0, le=1)
+    """absolute gate on the sparse test accuracy; needs no dense reference"""
     max_perplexity_increase: float | None = Field(
         None, ge=0, description="relative: 0.05 = sparse perplexity at most 5% above the dense model's")
     max_perplexity: float | None = Field(None, ge=1, description="absolute bound on the sparse perplexity")

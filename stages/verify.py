@@ -57,11 +57,17 @@ class VerifyConfig(StrictModel):
     """What the verify stage checks and how strictly."""
 
     enabled: bool = True
+    """check model.onnx against PyTorch and read its pattern back"""
     atol: float | None = Field(default=None, ge=0)  # None: 1e-4 for fp32, 1e-2 for fp16
+    """parity tolerance; null: 1e-4 for fp32, 1e-2 for fp16"""
     rtol: float | None = Field(default=None, ge=0)  # None: 1e-3 for fp32, 1e-2 for fp16
+    """parity tolerance; null: 1e-3 for fp32, 1e-2 for fp16"""
     num_samples: int = Field(default=256, ge=1)
+    """validation inputs compared against PyTorch"""
     check_pattern: bool = True
+    """read every weight back from the file and check its pattern"""
     sparsity_tolerance: float = Field(default=0.001, ge=0, le=1)
+    """how far a weight's sparsity may fall short of its target"""
 
     def tolerances(self, dtype: str) -> tuple[float, float]:
         atol, rtol = DEFAULT_TOLERANCES[dtype]

@@ -52,6 +52,7 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
+    """batch size of evaluation"""
     num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
     pin_memory: bool = True
     persistent_workers: bool = True

@@ -141,9 +141,13 @@ def mnist1d(cfg: DataConfig, seed: int) -> DataBundle:
 
 class SyntheticOptions(StrictModel):
     shape: list[int] = Field(default_factory=lambda: [1, 8, 8], min_length=1, max_length=4)
+    """one sample's shape"""
     num_classes: int = Field(4, ge=2, le=100_000)
+    """number of classes"""
     num_samples: int = Field(512, ge=4, le=MAX_SAMPLES)
+    """samples generated (then split)"""
     noise: float = Field(0.5, ge=0.0)
+    """standard deviation of the noise added to each class template"""
 
     @field_validator("shape")
     @classmethod

@@ -54,7 +54,9 @@ class TextOptions(StrictModel):
     the folder holding one (relative to the config file; default: the `hf:` model folder's)."""
 
     seq_len: int = Field(128, ge=2, le=MAX_SEQ_LEN)
+    """tokens per sample: block length (causal LM), truncation/padding length (classification)"""
     tokenizer: str | None = None
+    """a tokenizer.json file or its folder, relative to the config file; default: the `hf:` model folder's"""
 
 
 class DocstringOptions(TextOptions):
@@ -63,7 +65,9 @@ class DocstringOptions(TextOptions):
 
     packages: list[str] = Field(default_factory=lambda: ["asyncio", "email", "importlib", "logging"],
                                 min_length=2)
+    """standard-library packages (or top-level modules) whose docstrings are the classes"""
     min_chars: int = Field(40, ge=1)
+    """shortest docstring kept"""
 
 
 @dataclass(frozen=True)

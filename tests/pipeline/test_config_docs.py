@@ -16,7 +16,6 @@ from pipeline.config_docs import (
     option_sections,
     type_text,
     undescribed_keys,
-    unused_notes,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +51,7 @@ def test_the_reference_names_every_key_of_the_json_schema():
 
 
 def test_every_config_key_is_described_and_every_note_is_used():
-    assert undescribed_keys() == [], "add Field(description=...) to these fields (or a NOTES entry)"
-    assert unused_notes() == [], "these NOTES name no field, or the field now describes itself: delete them"
+    assert undescribed_keys() == [], "describe these fields where they are declared (Field(description=...) or a docstring below)"
 
 
 def test_rows_carry_type_bounds_and_defaults():
