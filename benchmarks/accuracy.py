@@ -42,6 +42,7 @@ from optg.schedules import SigmoidSchedule
 from stages.data import DataBundle, DataConfig, load_data
 from stages.io import atomic_write_text
 from stages.model import ModelConfig, build_model
+import optg
 from stages.sparsify import SparsityConfig, build_sparsifier, calibrate_if_needed
 from stages.train import OptimizerConfig, TrainConfig, Trainer, evaluate
 
@@ -50,6 +51,35 @@ UNSTRUCTURED_METHODS = ("optg", "gmp", "snip", "random")
 NM_METHODS = ("optg", "oneshot", "srste")
 ALL_METHODS = tuple(dict.fromkeys(("dense",) + UNSTRUCTURED_METHODS + NM_METHODS))
 CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class SparsePhase:
+    """A method's sparse phase as the pipeline builds it: its `sparsity:` config, plus the
+    `optg.SparsitySpec` keyword arguments the YAML does not take (OptG's experiment knobs:
+    `score_lr_factor`, `update_every_steps`, ...), passed as `build_sparsifier(library=...)`."""
+
+    config: SparsityConfig
+    library: dict[str, Any]
+
+    @classmethod
+    def of(cls, train: TrainConfig, **fields: Any) -> "SparsePhase":
+        """Keys of `sparsity:` go to the config, every other field to the library."""
+        keys = set(SparsityConfig.model_fields)
+        return cls(SparsityConfig(train=train, **{k: v for k, v in fields.items() if k in keys}),
+                   {k: v for k, v in fields.items() if k not in keys})
+
+    @property
+    def train(self) -> TrainConfig:
+        assert self.config.train is not None
+        return self.config.train
+
+    def spec(self) -> optg.SparsitySpec:
+        return self.config.to_spec(**self.library)
+
+    def build(self, model: nn.Module, steps: int, seed: int, from_trained: bool = False) -> optg.Sparsifier:
+        return build_sparsifier(model, self.config, steps_per_epoch=steps, seed=seed, from_trained=from_trained,
+                                library=self.library)
 
 
 @dataclass(frozen=True)
@@ -75,7 +105,7 @@ class Protocol:
         return TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
                            optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
 
-    def sparsity_config(self, method: str, pattern: str) -> SparsityConfig:
+    def sparse_phase(self, method: str, pattern: str) -> SparsePhase:
         """The method's sparse phase; OptG's knobs (schedule, score lr factor and freeze) are
         spec fields, so the sparsifier is used exactly as the pipeline uses it."""
         unstructured = not _is_nm(pattern)
@@ -84,9 +114,8 @@ class Protocol:
                                       ("final_epochs", self.final_epochs)) if v is not None}
         knobs = {"update_every_steps": self.update_every_steps, "score_lr_factor": self.score_lr_scale,
                  "freeze_scores_last": self.freeze_scores_last} if optg_knobs else {}
-        return SparsityConfig(
-            **self.train_config().model_dump(), method=method,
-            pattern="unstructured" if unstructured else pattern,
+        return SparsePhase.of(
+            self.train_config(), method=method, pattern="unstructured" if unstructured else pattern,
             target=float(pattern) if unstructured else None,
             schedule=schedule if optg_knobs else {}, exclude=list(self.exclude), **knobs)
 
@@ -195,12 +224,12 @@ class Suite:
                 epochs *= 2
             else:
                 model = self.fresh_model(dataset, seed)
-            cfg = self.proto.sparsity_config(method, pattern)
+            phase = self.proto.sparse_phase(method, pattern)
             steps = len(bundle.loader("train", self.proto.batch_size, shuffle=True, seed=0))
-            sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed)
+            sp = phase.build(model, steps, seed)
             calibrate_if_needed(sp, bundle.loader("train", self.proto.batch_size, shuffle=True, seed=seed),
-                                cfg, CPU)
-            history = self._trainer(model, bundle, cfg, "sparse", seed, sp).run()
+                                phase.config, CPU)
+            history = self._trainer(model, bundle, phase.train, "sparse", seed, sp).run()
             sp.bake()
             sparsity = sp.sparsity()
             layers = {r.name: round(r.sparsity, 4) for r in sp.report() if r.targeted}
@@ -252,13 +281,13 @@ class PretrainedProtocol:
         return TrainConfig(epochs=self.epochs, warmup_epochs=min(self.warmup_epochs, self.epochs - 1),
                            optimizer=OptimizerConfig(lr=self.lr, weight_decay=self.weight_decay))
 
-    def sparsity_config(self, method: str, pattern: str, fields: dict[str, Any] | None = None) -> SparsityConfig:
+    def sparse_phase(self, method: str, pattern: str, fields: dict[str, Any] | None = None) -> SparsePhase:
         """`fields`: spec fields set explicitly on this method (a candidate); for `optg` the
         pretrained preset then fills only the fields they leave unset."""
         train = self.finetune_config()
         nm = _is_nm(pattern)
         start = {"optg": {"start": "auto"}, "optg_authors": {"start": "scratch"}}.get(method, {})
-        return SparsityConfig(**train.model_dump(), method="optg" if method.startswith("optg") else method,
+        return SparsePhase.of(train, method="optg" if method.startswith("optg") else method,
                               pattern=pattern if nm else "unstructured", target=None if nm else float(pattern),
                               exclude=[FIRST_CONV[self.dataset]], **{**start, **(fields or {})})
 
@@ -303,7 +332,7 @@ class PretrainedSuite(Suite):
         fields: dict[str, Any] = {"protocol": "pretrained", **asdict(proto), "model_options": PRETRAINED_MODELS[dataset]}
         if method.startswith("optg"):  # the settings in force, so a new default reruns these cells
             steps = math.ceil(len(self.bundle(dataset, seed).split("train")) / proto.batch_size)
-            spec = proto.sparsity_config(method, pattern, self.candidates.get(method)).for_start(True, steps)
+            spec = proto.sparse_phase(method, pattern, self.candidates.get(method)).spec().for_start(True, steps)
             fields["optg"] = spec.model_dump(mode="json", include=set(OPTG_SETTINGS))
         elif method in self.candidates:
             fields[method] = self.candidates[method]
@@ -323,10 +352,10 @@ class PretrainedSuite(Suite):
             history = Trainer(model, bundle, proto.finetune_config(), phase="dense", device=CPU, seed=seed,
                               batch_size=proto.batch_size, log=lambda _: None).run()
         elif method != "dense":
-            cfg = proto.sparsity_config(method, pattern, self.candidates.get(method))
+            phase = proto.sparse_phase(method, pattern, self.candidates.get(method))
             steps = len(bundle.loader("train", proto.batch_size, shuffle=True, seed=0))
-            sp = build_sparsifier(model, cfg, steps_per_epoch=steps, seed=seed, from_trained=True)
-            trainer = Trainer(model, bundle, cfg, phase="sparse", device=CPU, seed=seed,
+            sp = phase.build(model, steps, seed, from_trained=True)
+            trainer = Trainer(model, bundle, phase.train, phase="sparse", device=CPU, seed=seed,
                               batch_size=proto.batch_size, sparsifier=sp, log=lambda _: None)
             history = trainer.run()
             deltas = [round(e.delta, 4) for e in trainer.guard.events] if trainer.guard else []

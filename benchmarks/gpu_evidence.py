@@ -65,8 +65,8 @@ def imagefolder_config(root: Path, quick: bool, device: str) -> dict[str, Any]:
         "data": {"name": "imagefolder", "path": str(root), "batch_size": 16 if quick else 128,
                  "eval_batch_size": 64 if quick else 256, "options": {"image_size": size}},
         "model": {"name": "resnet20" if quick else "torchvision:resnet50"},
-        "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 1 if quick else 2,
-                     "optimizer": {"name": "sgd", "lr": 0.05}},
+        "sparsity": {"method": "optg", "pattern": "2:4",
+                     "train": {"epochs": 1 if quick else 2, "optimizer": {"name": "sgd", "lr": 0.05}}},
         "export": {"dtype": "fp16" if device == "cuda" else "fp32"},
         "benchmark": {"enabled": False},
     }

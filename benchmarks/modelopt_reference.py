@@ -1,6 +1,6 @@
 """An outside reference for our SparseGPT: NVIDIA ModelOpt's `sparsegpt` mode on the same trained
 dense model, the same calibration batches and the same pattern (2:4), against `optg run` with
-`sparsity.method=sparsegpt, sparsity.epochs=0`.
+`sparsity.method=sparsegpt, sparsity.train=null`.
 
 Per seed: `optg run CONFIG` one-shot SparseGPT (which trains the dense model first and keeps it
 in `checkpoints/dense.pt`), then ModelOpt prunes a copy of that dense model; both are scored on
@@ -37,7 +37,7 @@ def one_seed(config: Path, seed: int, work: Path) -> dict[str, float]:
     import modelopt.torch.sparsity as mts  # type: ignore[import-not-found]
 
     run = work / f"seed{seed}"
-    sets = ["--set", "sparsity.method=sparsegpt", "--set", "sparsity.epochs=0", "--set", f"seed={seed}",
+    sets = ["--set", "sparsity.method=sparsegpt", "--set", "sparsity.train=null", "--set", f"seed={seed}",
             "--set", "benchmark.enabled=false"]
     subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--out", str(run), "--quiet",
                     *sets], check=True)

@@ -23,18 +23,18 @@ import tempfile
 from pathlib import Path
 
 CELLS: dict[str, list[str]] = {
-    "magnitude one-shot": ["sparsity.method=oneshot", "sparsity.epochs=0"],
-    "wanda one-shot": ["sparsity.method=wanda", "sparsity.epochs=0"],
-    "sparsegpt one-shot": ["sparsity.method=sparsegpt", "sparsity.epochs=0"],
+    "magnitude one-shot": ["sparsity.method=oneshot", "sparsity.train=null"],
+    "wanda one-shot": ["sparsity.method=wanda", "sparsity.train=null"],
+    "sparsegpt one-shot": ["sparsity.method=sparsegpt", "sparsity.train=null"],
     "magnitude + fine-tune": ["sparsity.method=oneshot"],
     "wanda + fine-tune": ["sparsity.method=wanda"],
     "sparsegpt + fine-tune": ["sparsity.method=sparsegpt"],
     "gmp": ["sparsity.method=gmp"],
     "srste": ["sparsity.method=srste"],
     "optg (pretrained default)": ["sparsity.method=optg"],
-    "optg (score_init sparsegpt)": ["sparsity.method=optg", "sparsity.score_init=sparsegpt"],
-    "optg (score_init wanda)": ["sparsity.method=optg", "sparsity.score_init=wanda"],
-    "optg (bf16 scores)": ["sparsity.method=optg", "sparsity.score_dtype=bfloat16"],
+    "optg (score_init sparsegpt)": ["sparsity.method=optg", "sparsity.optg.score_init=sparsegpt"],
+    "optg (score_init wanda)": ["sparsity.method=optg", "sparsity.optg.score_init=wanda"],
+    "optg (bf16 scores)": ["sparsity.method=optg", "sparsity.optg.score_dtype=bfloat16"],
 }
 
 

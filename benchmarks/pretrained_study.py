@@ -91,14 +91,20 @@ def run(config: Path, seed: int, name: str, overrides: dict[str, Any], out: Path
     steps = len(bundle.loader("train", cfg.data.batch_size, shuffle=True))
     raw = {**cfg.sparsity.model_dump(exclude_unset=True), **overrides,
            **({"target": target} if target is not None else {})}
+    assert cfg.sparsity.train is not None, f"{config}: the study needs a sparse phase (sparsity.train)"
     if raw.get("score_warmup_steps") == "auto":
-        raw["score_warmup_steps"] = int(0.1 * steps * raw["epochs"])
+        raw["score_warmup_steps"] = int(0.1 * steps * cfg.sparsity.train.epochs)
     if raw.get("method", "optg") != "optg":
-        raw = {k: v for k, v in raw.items() if not k.startswith("score_")}
-    scfg = SparsityConfig.model_validate(raw)
+        raw = {k: v for k, v in raw.items() if not k.startswith("score_") and k != "optg"}
+    # keys of `sparsity:` build the config; the candidates' other knobs are library keyword
+    # arguments (the YAML does not take them: measured, not adopted)
+    keys = set(SparsityConfig.model_fields)
+    scfg = SparsityConfig.model_validate({k: v for k, v in raw.items() if k in keys})
+    library = {k: v for k, v in raw.items() if k not in keys}
     started = time.perf_counter()
-    sp = build_sparsifier(model, scfg, steps_per_epoch=steps, seed=seed, from_trained=True)
-    trainer = Trainer(model, bundle, scfg, phase="sparse", device=CPU, seed=seed,
+    sp = build_sparsifier(model, scfg, steps_per_epoch=steps, seed=seed, from_trained=True, library=library)
+    assert scfg.train is not None
+    trainer = Trainer(model, bundle, scfg.train, phase="sparse", device=CPU, seed=seed,
                       batch_size=cfg.data.batch_size, sparsifier=sp, log=lambda _: None)
     if trainer.guard is None:  # every candidate is measured by the guard, warnings or not
         batches = [b for _, b in zip(range(2), bundle.loader("train", cfg.data.batch_size, shuffle=True, seed=seed))]

@@ -51,7 +51,7 @@ class KeyedProblems(ValueError):
         super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
 
 
-# Settings of the sparse phase that come from `train:` when `sparsity:` does not give them
+# Settings of the sparse phase that come from `train:` when `sparsity.train:` does not give them
 # (the optimizer key by key). Epoch counts and warm-up belong to each phase and are not inherited.
 INHERITED_FROM_TRAIN = ("optimizer", "label_smoothing", "amp", "grad_clip", "compile")
 
@@ -215,23 +215,24 @@ with warnings.catch_warnings():
 
         @model_validator(mode="after")
         def _inherit_train_settings(self) -> "PipelineConfig":
-            """Keys of INHERITED_FROM_TRAIN not given under `sparsity` take `train`'s values (a
-            sparse phase after an AdamW dense phase continues with AdamW, not SGD at lr 0.1)."""
-            if self.train is None:
+            """Keys of INHERITED_FROM_TRAIN not given under `sparsity.train` take `train`'s values
+            (a sparse phase after an AdamW dense phase continues with AdamW, not SGD at lr 0.1)."""
+            sparse = self.sparsity.train
+            if self.train is None or sparse is None:
                 return self
-            given = self.sparsity.model_fields_set
+            given = sparse.model_fields_set
             update: dict[str, Any] = {k: getattr(self.train, k) for k in INHERITED_FROM_TRAIN
                                       if k not in given and k != "optimizer"}
             if "optimizer" not in given:
                 update["optimizer"] = self.train.optimizer.model_copy()
             else:
-                own = self.sparsity.optimizer
+                own = sparse.optimizer
                 inherit = {k: getattr(self.train.optimizer, k) for k in type(own).model_fields
                            if k not in own.model_fields_set}
                 update["optimizer"] = own.model_copy(update=inherit)
-            # no assignment: validate_assignment would re-run this validator; the values are
+            # no assignment: validate_assignment would re-run the validators; the values are
             # already validated fields of the same types
-            self.__dict__["sparsity"] = self.sparsity.model_copy(update=update)
+            self.sparsity.__dict__["train"] = sparse.model_copy(update=update)
             return self
 
         @model_validator(mode="after")
@@ -284,9 +285,15 @@ with warnings.catch_warnings():
             has_reference = self.has_reference
             task = resolve_task(self.task)  # resolvable: the validator above ran first
             errors = gate_problems(self.validate, task.metric, task.name, has_reference)
-            if self.sparsity.score_init in ("wanda", "sparsegpt") and not has_reference:
-                errors.append(f"sparsity.score_init {self.sparsity.score_init!r} starts OptG from that one-shot "
+            settings = self.sparsity.settings
+            init = getattr(settings, "score_init", None)
+            if init in ("wanda", "sparsegpt") and not has_reference:
+                errors.append(f"sparsity.optg.score_init {init!r} starts OptG from that one-shot "
                               "method's mask of a trained model: add a `train` phase or `model.weights`")
+            if self.structured is not None and self.structured.finetune_epochs and self.train is None \
+                    and self.sparsity.train is None:
+                errors.append("structured.finetune_epochs fine-tunes with the optimiser of `train` or "
+                              "`sparsity.train`, and the config has neither")
             if self.sparsity.method == "oneshot" and not has_reference:
                 errors.append("sparsity.method 'oneshot' prunes a trained model: add a `train` phase or "
                               "`model.weights`")

@@ -216,7 +216,7 @@ def _rows(model: type, prefix: str, skip: tuple[str, ...] = ()) -> list[Row]:
             description = description or _first_paragraph(sections[0].__doc__)
             if not field.is_required() and field.get_default() is not None:
                 default = "(the defaults below)"
-        if prefix == "sparsity." and name in INHERITED_FROM_TRAIN:
+        if prefix == "sparsity.train." and name in INHERITED_FROM_TRAIN:
             default += f"; with `train`: `train.{name}`" + (" (key by key)" if name == "optimizer" else "")
         rows.append(Row(f"{prefix}{name}", _with_constraints(kind, field.metadata), default, description))
     return rows

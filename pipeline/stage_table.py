@@ -35,7 +35,7 @@ from stages import structured as structured_stage
 from stages import tensorrt as tensorrt_stage
 from stages import validate as validate_stage
 from stages import verify as verify_stage
-from stages.base import GateFailure, StageError
+from stages.base import ConfigFieldError, GateFailure, StageError
 from stages.data import DataBundle, TextContext, load_data
 from stages.export import ExportResult, export_onnx
 from stages.io import atomic_torch_save, atomic_write, atomic_write_json, safe_torch_load
@@ -259,12 +259,18 @@ def run_sparsify(ctx: RunContext) -> None:
     ctx.log(f"[sparse] start {settings['start']} ({settings['start_reason']}); " + ", ".join(
         f"{k} {v}" for k, v in settings.items() if k not in ("method", "start", "start_reason")))
     checkpoint = ctx.run.checkpoints / "sparse.pt"
-    trainer = _trainer(ctx, "sparse", cfg, sparsifier)
+    trainer = _trainer(ctx, "sparse", cfg.train, sparsifier) if cfg.train is not None else None
     if not ctx.on_disk(checkpoint):
         sparsify_stage.calibrate_if_needed(
             sparsifier, ctx.bundle.loader("train", data.batch_size, shuffle=True, seed=ctx.cfg.seed), cfg, ctx.device,
             ctx.task)
-    _run_phase(ctx, trainer, checkpoint)
+    if trainer is None:  # one-shot without `sparsity.train`: the calibrated mask is the result
+        return
+    try:
+        _run_phase(ctx, trainer, checkpoint)
+    except ConfigFieldError as exc:  # the trainer's fields sit under sparsity.train
+        exc.nest("train")
+        raise
 
 
 def run_bake(ctx: RunContext) -> None:
@@ -512,9 +518,12 @@ def _restore_structured_checkpoint(ctx: RunContext) -> structured_stage.Structur
 
 
 def _structured_train_config(cfg: PipelineConfig) -> TrainConfig:
-    """The fine-tune's optimiser settings: the dense phase's (`train`), else `sparsity`'s."""
-    base = cfg.train if cfg.train is not None else cfg.sparsity
-    return TrainConfig(**{name: getattr(base, name) for name in TrainConfig.model_fields})
+    """The fine-tune's optimiser settings: the dense phase's (`train`), else `sparsity.train`'s
+    (the config check makes sure one exists when the fine-tune has epochs)."""
+    base = cfg.train if cfg.train is not None else cfg.sparsity.train
+    if base is None:  # no fine-tune epochs: the settings are never used
+        return TrainConfig(epochs=1)
+    return base
 
 
 def run_structured(ctx: RunContext) -> None:

@@ -57,6 +57,12 @@ class _Locatable:
         self.section = section
         self.args = (self._render(),)
 
+    def nest(self, key: str) -> None:
+        """The config the problems name sits under `key` of the stage's own config (the sparse
+        phase's TrainConfig is `train` of the sparsity section): 'optimizer.lr' -> 'train.optimizer.lr'."""
+        self.problems = tuple(FieldProblem(f"{key}.{p.field}", p.text) for p in self.problems)
+        self.args = (self._render(),)
+
 
 class StageError(RuntimeError):
     """A stage could not do its work (bad data file, export failure...). Exit code 1."""

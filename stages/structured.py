@@ -141,7 +141,7 @@ class StructuredConfig(StrictModel):
     taylor_batches: int = Field(8, ge=1)
     iterative_steps: int = Field(1, ge=1)
     finetune_epochs: int = Field(0, ge=0)
-    """fine-tuning epochs after every pruning step, with `train`'s optimiser (else `sparsity`'s)"""
+    """fine-tuning epochs after every pruning step, with `train`'s optimiser (else `sparsity.train`'s)"""
     allocation: Literal["global", "layerwise"] = "global"
     ignore: list[str] = Field(default_factory=lambda: [STEM, CLASSIFIER])
     round_to: int | None = Field(8, ge=1)

@@ -75,7 +75,7 @@ def test_pipeline_run_with_sparsegpt_start(tmp_path, capsys):
     from tests.pipeline.conftest import TINY, write_config
 
     cfg = copy.deepcopy(TINY)
-    cfg["sparsity"]["score_init"] = "sparsegpt"
+    cfg["sparsity"]["optg"] = {"score_init": "sparsegpt"}
     run = tmp_path / "run"
     assert main(["run", str(write_config(tmp_path / "a.yaml", cfg)), "--out", str(run), "--quiet"]) == 0, \
         capsys.readouterr().err
@@ -85,4 +85,4 @@ def test_pipeline_run_with_sparsegpt_start(tmp_path, capsys):
     del cfg["train"]
     cfg["validate"] = {"min_accuracy": 0.1}
     assert main(["check", str(write_config(tmp_path / "b.yaml", cfg))]) == 2
-    assert "sparsity.score_init 'sparsegpt' starts OptG" in capsys.readouterr().err
+    assert "sparsity.optg.score_init 'sparsegpt' starts OptG" in capsys.readouterr().err

@@ -11,7 +11,7 @@ TINY = {
              "batch_size": 32},
     "model": {"name": "small_cnn"},
     "train": {"epochs": 2, "optimizer": {"lr": 0.05}},
-    "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 3, "optimizer": {"lr": 0.05}},
+    "sparsity": {"method": "optg", "pattern": "2:4", "train": {"epochs": 3, "optimizer": {"lr": 0.05}}},
     "validate": {"max_accuracy_drop": 0.5},
     "verify": {"num_samples": 32},
 }

@@ -21,8 +21,8 @@ def test_unquoted_nm_pattern_stays_text(tmp_path, tiny_config):
 
 
 def test_set_overrides_are_typed_by_the_schema(tiny_config):
-    cfg = load_config(tiny_config(), ["sparsity.pattern=1:4", "seed=3", "sparsity.optimizer.lr=1e-3"])
-    assert (cfg.sparsity.pattern, cfg.seed, cfg.sparsity.optimizer.lr) == ("1:4", 3, 1e-3)
+    cfg = load_config(tiny_config(), ["sparsity.pattern=1:4", "seed=3", "sparsity.train.optimizer.lr=1e-3"])
+    assert (cfg.sparsity.pattern, cfg.seed, cfg.sparsity.train.optimizer.lr) == ("1:4", 3, 1e-3)
     cfg = load_config(tiny_config(), ["sparsity.pattern=unstructured", "sparsity.target=0.98"])
     assert cfg.sparsity.target == 0.98
 
@@ -50,7 +50,7 @@ INVALID = [
     ("schedule value vs epochs", ["sparsity.schedule.final_epochs=50"], ["final_epochs must be in [1, epochs=3], got 50"]),
     ("cubic end past epochs", ["sparsity.schedule.name=cubic", "sparsity.schedule.end=40"],
      ["cubic schedule needs 0 <= start < end <= epochs=3"]),
-    ("negative lr", "sparsity.optimizer.lr=-1", ["sparsity.optimizer.lr: Input should be greater than 0 (got -1)"]),
+    ("negative lr", "sparsity.train.optimizer.lr=-1", ["sparsity.train.optimizer.lr: Input should be greater than 0 (got -1)"]),
     ("bad device", "device=tpu", ["device", "'auto', 'cpu' or 'cuda'"]),
     ("many errors at once", ["seed=-1", "data.batch_size=0", "export.dtype=int4"],
      ["seed:", "data.batch_size:", "export.dtype:"]),
@@ -104,7 +104,7 @@ def test_shipped_configs_include_the_documented_ones():
 def test_config_error_lists_each_problem():
     with pytest.raises(ConfigError) as err:
         validate_config({"name": "bad name!", "data": {"name": "digits"}, "model": {"name": "small_cnn"},
-                         "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 0}})
+                         "sparsity": {"method": "optg", "pattern": "2:4", "train": {"epochs": 0}}})
     assert len(err.value.problems) == 2
 
 

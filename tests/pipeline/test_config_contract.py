@@ -114,22 +114,24 @@ def test_plugin_that_fails_to_import_is_a_check_error(tmp_path, capsys):
 def test_sparse_phase_inherits_train_settings_unless_given(tmp_path, capsys):
     config = _config(tmp_path, train={"epochs": 2, "label_smoothing": 0.1,
                                       "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
-                     sparsity={"method": "optg", "pattern": "2:4", "epochs": 3})
+                     sparsity={"method": "optg", "pattern": "2:4", "train": {"epochs": 3}})
     cfg = load_config(config)
-    opt = cfg.sparsity.optimizer
-    assert (opt.name, opt.lr, opt.weight_decay, cfg.sparsity.label_smoothing) == ("adamw", 1e-3, 0.05, 0.1)
-    assert cfg.sparsity.warmup_epochs == 0  # per phase, not inherited
-    # keys given under sparsity win, key by key inside the optimizer too
-    cfg = load_config(config, ["sparsity.optimizer.lr=0.01", "sparsity.label_smoothing=0.0"])
-    opt = cfg.sparsity.optimizer
-    assert (opt.name, opt.lr, opt.weight_decay, cfg.sparsity.label_smoothing) == ("adamw", 0.01, 0.05, 0.0)
+    sparse = cfg.sparsity.train
+    assert (sparse.optimizer.name, sparse.optimizer.lr, sparse.optimizer.weight_decay, sparse.label_smoothing) \
+        == ("adamw", 1e-3, 0.05, 0.1)
+    assert sparse.warmup_epochs == 0  # per phase, not inherited
+    # keys given under sparsity.train win, key by key inside the optimizer too
+    cfg = load_config(config, ["sparsity.train.optimizer.lr=0.01", "sparsity.train.label_smoothing=0.0"])
+    sparse = cfg.sparsity.train
+    assert (sparse.optimizer.name, sparse.optimizer.lr, sparse.optimizer.weight_decay, sparse.label_smoothing) \
+        == ("adamw", 0.01, 0.05, 0.0)
     # `check --print` (and the run's config.yaml, the same dump) shows the resolved values
     assert main(["check", str(config), "--print"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out.split("\n" + str(config))[0])
-    assert printed["sparsity"]["optimizer"]["name"] == "adamw" and printed["sparsity"]["optimizer"]["lr"] == 1e-3
+    assert printed["sparsity"]["train"]["optimizer"] == {**printed["train"]["optimizer"], "name": "adamw", "lr": 1e-3}
     # without `train` the sparse phase keeps its own defaults
     cfg = load_config(config, ["train=null", "validate.max_accuracy_drop=null"])
-    assert (cfg.sparsity.optimizer.name, cfg.sparsity.optimizer.lr) == ("sgd", 0.1)
+    assert (cfg.sparsity.train.optimizer.name, cfg.sparsity.train.optimizer.lr) == ("sgd", 0.1)
 
 
 def test_imagefolder_resize_follows_image_size(tmp_path):

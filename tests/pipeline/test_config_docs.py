@@ -61,11 +61,11 @@ def test_rows_carry_type_bounds_and_defaults():
     assert rows["device"].type == '"auto" | "cpu" | "cuda"'
     assert rows["data.num_workers"].type == '"auto" | int (>= 0)'
     assert rows["structured"].default == "`null`" and rows["structured"].type == "section | null"
-    assert rows["sparsity.amp"].default == "`true`; with `train`: `train.amp`"
-    assert rows["sparsity.criterion"].type == "str | null"  # the library-only instance types are left out
+    assert rows["sparsity.train.amp"].default == "`true`; with `train`: `train.amp`"
+    assert rows["sparsity.train"].default == "`null`" and rows["sparsity.optg"].type == "section | null"
     options = {row.key for section in option_sections() for row in section.rows}
     assert {"data.options.num_samples", "model.options.width", "sparsity.schedule.beta"} <= options
-    assert "sparsity.schedule.epochs" not in options  # set from sparsity.epochs, not a YAML setting
+    assert "sparsity.schedule.epochs" not in options  # set from sparsity.train.epochs, not a YAML setting
 
 
 def test_docstring_entries_and_prose_are_split():

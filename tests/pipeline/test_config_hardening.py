@@ -106,12 +106,12 @@ def test_anchors_and_merge_keys_still_work_and_set_changes_one_place(tmp_path: P
     raw.pop("sparsity")
     text = yaml.safe_dump(raw, sort_keys=False) + (
         "train: &phase\n  epochs: 2\n  optimizer: &opt {lr: 0.05}\n"
-        "sparsity:\n  <<: *phase\n  method: optg\n  pattern: 2:4\n  epochs: 3\n  optimizer: *opt\n")
+        "sparsity:\n  method: optg\n  pattern: 2:4\n  train:\n    <<: *phase\n    epochs: 3\n    optimizer: *opt\n")
     path = tmp_path / "anchors.yaml"
     path.write_text(text)
     cfg = load_config(path, ["train.optimizer.lr=0.01"])
-    assert (cfg.train.epochs, cfg.sparsity.epochs) == (2, 3)
-    assert (cfg.train.optimizer.lr, cfg.sparsity.optimizer.lr) == (0.01, 0.05)
+    assert (cfg.train.epochs, cfg.sparsity.train.epochs) == (2, 3)
+    assert (cfg.train.optimizer.lr, cfg.sparsity.train.optimizer.lr) == (0.01, 0.05)
 
 
 def test_resolver_behaviour_is_kept() -> None:
@@ -125,9 +125,9 @@ STRICT = [
     ("seed huge", "seed: 99999999999999999999", "seed: Input should be less than or equal to 4294967295"),
     ("seed float", "seed: 4.0e13", "seed: Input should be a valid integer"),
     ("batch size bool", "data.batch_size: true", "data.batch_size: Input should be a valid integer"),
-    ("epochs text", "sparsity.epochs: '3'", "sparsity.epochs: Input should be a valid integer (got \"3\")"),
-    ("lr text", "sparsity.optimizer.lr: '0.001'", "sparsity.optimizer.lr: Input should be a valid number"),
-    ("lr bool", "sparsity.optimizer.lr: true", "sparsity.optimizer.lr: Input should be a valid number"),
+    ("epochs text", "sparsity.train.epochs: '3'", "sparsity.train.epochs: Input should be a valid integer (got \"3\")"),
+    ("lr text", "sparsity.train.optimizer.lr: '0.001'", "sparsity.train.optimizer.lr: Input should be a valid number"),
+    ("lr bool", "sparsity.train.optimizer.lr: true", "sparsity.train.optimizer.lr: Input should be a valid number"),
     ("atol inf", "verify.atol: .inf", "verify.atol: Input should be a finite number"),
     ("rtol nan", "verify.rtol: .nan", "verify.rtol: Input should be a finite number"),
     ("min accuracy nan", "validate.min_accuracy: .nan", "validate.min_accuracy: Input should be a finite number"),
@@ -160,9 +160,9 @@ def test_loose_types_and_non_finite_floats_exit_2(tmp_path: Path, tiny_config, c
 
 
 def test_ints_are_floats_and_lists_fill_tuples(tiny_config) -> None:
-    cfg = load_config(tiny_config(), ["sparsity.optimizer.lr=1", "train.optimizer.name=adamw",
+    cfg = load_config(tiny_config(), ["sparsity.train.optimizer.lr=1", "train.optimizer.name=adamw",
                                       "train.optimizer.betas=[0, 0.99]", "verify.atol=0"])
-    assert cfg.sparsity.optimizer.lr == 1.0 and isinstance(cfg.sparsity.optimizer.lr, float)
+    assert cfg.sparsity.train.optimizer.lr == 1.0 and isinstance(cfg.sparsity.train.optimizer.lr, float)
     assert cfg.train.optimizer.betas == (0.0, 0.99) and cfg.verify.atol == 0.0
 
 
@@ -202,7 +202,7 @@ def test_tampered_checkpoint_is_refused_on_rerun(tmp_path: Path, tiny_config, ca
     checkpoint with weights_only, refuses it naming the file, and the command never runs."""
     run = tmp_path / "run"
     args = ["run", str(tiny_config()), "--out", str(run), "--quiet",
-            "--set", "export.enabled=false", "--set", "verify.enabled=false", "--set", "sparsity.epochs=1"]
+            "--set", "export.enabled=false", "--set", "verify.enabled=false", "--set", "sparsity.train.epochs=1"]
     assert main(args) == 0, capsys.readouterr().err
     checkpoint = run / "checkpoints" / "dense.pt"
     state = torch.load(checkpoint, weights_only=True)  # what we write is plain data

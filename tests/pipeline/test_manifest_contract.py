@@ -22,7 +22,7 @@ def digits_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     data = json.loads(json.dumps(TINY))
     data.update(data={"name": "digits", "batch_size": 128}, train={"epochs": 1},
-                sparsity={"method": "optg", "pattern": "2:4", "epochs": 1}, verify={"num_samples": 16})
+                sparsity={"method": "optg", "pattern": "2:4", "train": {"epochs": 1}}, verify={"num_samples": 16})
     config = write_config(tmp / "digits.yaml", data)
     out = tmp / "run"
     assert main(["run", str(config), "--out", str(out), "--quiet"]) in (0, 3)

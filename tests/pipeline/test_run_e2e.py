@@ -60,7 +60,7 @@ def test_tiny_run_leaves_verified_artifacts_and_manifest(tmp_path, tiny_config, 
 
 
 def test_accuracy_gate_failure_exits_3_and_still_reports(tmp_path, tiny_config, capsys):
-    cfg = tiny_config(sparsity={"method": "random", "pattern": "unstructured", "target": 0.99, "epochs": 1},
+    cfg = tiny_config(sparsity={"method": "random", "pattern": "unstructured", "target": 0.99, "train": {"epochs": 1}},
                       validate={"max_accuracy_drop": 0.0, "min_accuracy": 0.99})
     run = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(run), "--quiet"]) == 3
@@ -87,8 +87,8 @@ def _resume_config(tiny_config):
     return tiny_config(
         data={"name": "synthetic", "options": {"shape": [8, 12, 12], "num_classes": 3, "num_samples": 1600},
               "batch_size": 16},
-        sparsity={"method": "optg", "pattern": "unstructured", "target": 0.8, "epochs": 6,
-                  "optimizer": {"lr": 0.05}, "update_every_steps": 7},
+        sparsity={"method": "optg", "pattern": "unstructured", "target": 0.8,
+                  "train": {"epochs": 6, "optimizer": {"lr": 0.05}}},
         export={"enabled": False}, verify={"enabled": False})
 
 
@@ -144,9 +144,9 @@ def test_the_tests_interrupt_spec_is_checked():
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
-def test_one_shot_data_aware_method_with_zero_epochs_trains_nothing(tmp_path, tiny_config, capsys, method):
+def test_one_shot_data_aware_method_without_a_sparse_phase_trains_nothing(tmp_path, tiny_config, capsys, method):
     run = tmp_path / "run"
-    cfg = tiny_config(sparsity__method=method, sparsity__epochs=0)
+    cfg = tiny_config(sparsity__method=method, sparsity__train=None)
     assert main(["run", str(cfg), "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
     m = _manifest(run)
     assert m["sparsity"]["calibration_batches"] == 8 and m["sparsity"]["method"] == method
@@ -155,6 +155,7 @@ def test_one_shot_data_aware_method_with_zero_epochs_trains_nothing(tmp_path, ti
     assert main(["inspect", str(run / "model.onnx"), "--pattern", "2:4"]) == 0
 
 
-def test_zero_epochs_need_a_one_shot_method(tmp_path, tiny_config, capsys):
-    assert main(["check", str(tiny_config(sparsity__epochs=0))]) == 2
-    assert "sparsity.epochs" in capsys.readouterr().err  # optg (sigmoid) trains its mask: 0 epochs is refused
+def test_no_sparse_phase_needs_a_one_shot_method(tmp_path, tiny_config, capsys):
+    assert main(["check", str(tiny_config(sparsity__train=None))]) == 2
+    err = capsys.readouterr().err  # optg trains its mask: without sparsity.train it is refused
+    assert "sparsity.train: method 'optg' trains its mask: add sparsity.train" in err

@@ -20,7 +20,7 @@ from stages.io import sha256_file
 from tests.pipeline.conftest import TINY
 
 FAST = {**TINY, "train": {"epochs": 1, "optimizer": {"lr": 0.05}},
-        "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 1, "optimizer": {"lr": 0.05}}}
+        "sparsity": {"method": "optg", "pattern": "2:4", "train": {"epochs": 1, "optimizer": {"lr": 0.05}}}}
 
 
 def _config(path: Path, **sections) -> Path:
@@ -194,7 +194,7 @@ def test_changing_what_training_used_is_refused_without_force(tmp_path, copy_of,
 
 def test_changing_sparsity_target_is_refused_without_force(tmp_path, copy_of, capsys):
     cfg = _config(tmp_path / "target.yaml", sparsity={"method": "optg", "pattern": "unstructured", "target": 0.7,
-                                                      "epochs": 1, "optimizer": {"lr": 0.05}})
+                                                      "train": {"epochs": 1, "optimizer": {"lr": 0.05}}})
     assert _run(cfg, copy_of) == 2
     assert "sparsity.target" in capsys.readouterr().err
 
@@ -274,7 +274,7 @@ def test_a_plugin_calling_sys_exit_0_fails_the_run(tmp_path, monkeypatch, capsys
 def test_manifest_and_metrics_csv_hold_every_finished_epoch_of_an_interrupted_run(tmp_path):
     tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     cfg = _config(tmp_path / "fast.yaml", train={"epochs": 2, "optimizer": {"lr": 0.05}},
-                  sparsity={**FAST["sparsity"], "epochs": 3}, export={"enabled": False}, verify={"enabled": False},
+                  sparsity={**FAST["sparsity"], "train": {"epochs": 3, "optimizer": {"lr": 0.05}}}, export={"enabled": False}, verify={"enabled": False},
                   tracking={"tensorboard": {"log_dir": str(tmp_path / "tb")}})
     run = tmp_path / "run"
     interrupted = main(["run", str(cfg), "--out", str(run), "--quiet"],

@@ -11,7 +11,7 @@ from pipeline.stage_table import STAGES, RunContext, Stage
 from stages.base import ConfigFieldError, FieldProblem, GateFailure, StageConfigError
 
 CONFIG = {"name": "table", "device": "cpu", "data": {"name": "digits"}, "model": {"name": "small_cnn"},
-          "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 1}}
+          "sparsity": {"method": "optg", "pattern": "2:4", "train": {"epochs": 1}}}
 
 
 def runner(tmp_path, stages, **changes):

@@ -137,7 +137,7 @@ def test_resume_after_sigkill_in_structured_finetune_matches_uninterrupted_run(t
 
 def test_impossible_latency_bound_fails_the_run_with_exit_3(tmp_path, tiny_config, capsys):
     cfg = _config(tiny_config, validate__max_latency_ratio=0.001, train__epochs=1,
-                  structured__finetune_epochs=0, sparsity__epochs=2)
+                  structured__finetune_epochs=0, sparsity__train__epochs=2)
     run = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(run), "--quiet"]) == 3
     m = _manifest(run)

@@ -33,7 +33,7 @@ def _causal(model_dir: Path, data_dir: Path, **extra) -> dict:
         "data": {"name": "text", "path": str(data_dir), "options": {"seq_len": 32}, "batch_size": 16},
         "model": {"name": f"hf:{model_dir}"},
         "train": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 3e-3}},
-        "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-3}},
+        "sparsity": {"method": "optg", "pattern": "2:4", "train": {"epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-3}}},
         "validate": {"max_perplexity_increase": 5.0},
         "verify": {"num_samples": 8},
         "benchmark": {"enabled": False},
@@ -110,7 +110,7 @@ def test_sequence_classification_run_on_a_jsonl_folder(tmp_path, capsys):
         "name": "text_cls", "seed": 0, "task": "sequence_classification",
         "data": {"name": "text", "path": str(data), "options": {"seq_len": 32}, "batch_size": 16},
         "model": {"name": f"hf:{folder}"},
-        "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-3}},
+        "sparsity": {"method": "optg", "pattern": "2:4", "train": {"epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-3}}},
         "validate": {"max_accuracy_drop": 1.0},
         "verify": {"num_samples": 8},
         "benchmark": {"enabled": False},
@@ -146,7 +146,7 @@ def test_causal_lm_int8_file_keeps_2_4_on_every_projection(tmp_path, lm_data, ca
 def test_shipped_text_configs_run_shortened(tmp_path, name, capsys):
     run = tmp_path / "run"
     gate = "validate.max_perplexity_increase=100" if "quickstart" in name else "validate.max_accuracy_drop=1.0"
-    sets = ["train.epochs=1", "train.warmup_epochs=0", "sparsity.epochs=1", gate, "benchmark.enabled=false"]
+    sets = ["train.epochs=1", "train.warmup_epochs=0", "sparsity.train.epochs=1", gate, "benchmark.enabled=false"]
     code = main(["run", str(ROOT / "configs" / name), "--out", str(run), "--quiet",
                  *(arg for s in sets for arg in ("--set", s))])
     assert code == 0, capsys.readouterr().err
@@ -222,7 +222,7 @@ def test_causal_lm_under_torchrun_equals_one_process(tmp_path, lm_data, capsys):
 
     folder = save_folder(tmp_path / "model", llama_config(), "AutoModelForCausalLM")
     cfg = _causal(folder, lm_data, export={"enabled": False}, verify={"enabled": False})
-    cfg["train"]["epochs"], cfg["sparsity"]["epochs"] = 1, 1
+    cfg["train"]["epochs"], cfg["sparsity"]["train"]["epochs"] = 1, 1
     path = write_config(tmp_path / "lm.yaml", cfg)
     one = tmp_path / "one"
     assert main(["run", str(path), "--out", str(one), "--quiet"]) == 0, capsys.readouterr().err

@@ -36,7 +36,7 @@ data:
   batch_size: 32
 model: {name: cnn1d, options: {channels: 8}}
 train: {epochs: 1, optimizer: {lr: 0.05}}
-sparsity: {method: optg, target: 0.8, epochs: 2, optimizer: {lr: 0.05}}
+sparsity: {method: optg, target: 0.8, train: {epochs: 2, optimizer: {lr: 0.05}}}
 validate: {max_accuracy_drop: 0.9}
 export: {enabled: false}
 verify: {enabled: false}

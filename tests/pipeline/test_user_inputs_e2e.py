@@ -44,7 +44,7 @@ def _config(tmp_path, **sparsity):
     cfg = {
         "name": "mine", "data": {"name": "npz", "path": str(tmp_path / "mine.npz"), "batch_size": 32},
         "model": {"name": "my_models:make", "options": {"hidden": 32}, "weights": str(tmp_path / "weights.pt")},
-        "sparsity": {"method": "oneshot", "pattern": "2:4", "epochs": 2, "optimizer": {"lr": 0.02}, **sparsity},
+        "sparsity": {"method": "oneshot", "pattern": "2:4", "train": {"epochs": 2, "optimizer": {"lr": 0.02}}, **sparsity},
         "validate": {"max_accuracy_drop": 0.2}, "verify": {"num_samples": 16},
     }
     path = tmp_path / "mine.yaml"
@@ -71,9 +71,10 @@ def test_npz_data_plugin_model_and_weights_as_reference(tmp_path, monkeypatch, c
 
 def test_non_finite_loss_stops_with_exit_1(tmp_path, monkeypatch, capsys):
     _user_files(tmp_path, monkeypatch)
-    cfg = _config(tmp_path, method="gmp", pattern="unstructured", target=0.5, optimizer={"lr": 1e30, "momentum": 0.0})
+    cfg = _config(tmp_path, method="gmp", pattern="unstructured", target=0.5,
+                  train={"epochs": 2, "optimizer": {"lr": 1e30, "momentum": 0.0}})
     assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "loss is" in err and "lower sparsity.optimizer.lr (now 1e+30)" in err
+    assert "loss is" in err and "lower sparsity.train.optimizer.lr (now 1e+30)" in err
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["status"] == "failed" and m["stages"]["sparsify"]["status"] == "failed"

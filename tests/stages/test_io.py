@@ -143,8 +143,8 @@ def test_trainer_checkpoint_loads_with_weights_only(tmp_path: Path, method: str,
 
     raw = copy.deepcopy(TINY)
     raw["data"]["options"]["num_samples"] = 96
-    raw["sparsity"].update(method=method, pattern=pattern, epochs=2,
-                           optimizer={"name": "adamw", "lr": 1e-3, "betas": [0.8, 0.99]})
+    raw["sparsity"].update(method=method, pattern=pattern,
+                           train={"epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-3, "betas": [0.8, 0.99]}})
     if pattern == "unstructured":
         raw["sparsity"]["target"] = 0.8
     cfg = validate_config(raw)
@@ -154,7 +154,7 @@ def test_trainer_checkpoint_loads_with_weights_only(tmp_path: Path, method: str,
         torch.manual_seed(0)
         model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
         sparsifier = sparsify_stage.build_sparsifier(model, cfg.sparsity, steps_per_epoch=3, seed=0)
-        return Trainer(model, bundle, cfg.sparsity, phase="sparse", device=torch.device("cpu"), seed=0,
+        return Trainer(model, bundle, cfg.sparsity.train, phase="sparse", device=torch.device("cpu"), seed=0,
                        batch_size=32, sparsifier=sparsifier, log=lambda _: None)
 
     full = trainer()

@@ -125,6 +125,9 @@ def test_diverging_loss_names_the_learning_rate_field():
     assert "lower optimizer.lr (now 1e+30) or check the data" in str(info.value)
     info.value.locate("sparsity")
     assert "lower sparsity.optimizer.lr (now 1e+30)" in str(info.value)
+    info.value.nest("train")  # the sparse phase's TrainConfig is `train` of the sparsity section
+    assert info.value.field == "train.optimizer.lr"
+    assert "lower sparsity.train.optimizer.lr (now 1e+30)" in str(info.value)
 
 
 def test_make_optimizer():
