@@ -124,3 +124,22 @@ def test_config_that_sparsifies_nothing_fails_before_training(tmp_path, tiny_con
     err = capsys.readouterr().err
     assert "no layer can be sparsified" in err and "not matched by include" in err
     assert not (run / "checkpoints").exists()  # no training happened
+
+
+def test_a_config_in_the_flat_sparsity_layout_exits_2_naming_each_new_place(tmp_path, capsys):
+    """The layout before per-method settings: every old key reported at once, nothing written."""
+    from tests.pipeline.conftest import TINY, write_config
+
+    old = {**TINY, "sparsity": {"method": "optg", "pattern": "2:4", "epochs": 3, "optimizer": {"lr": 0.05},
+                                "score_init": "live", "srste_decay": 1e-4, "score_lr_factor": 2.0}}
+    run = tmp_path / "run"
+    assert main(["run", str(write_config(tmp_path / "old.yaml", old)), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "5 problem(s)" in err
+    for line in ("sparsity.epochs: moved to sparsity.train.epochs",
+                 "sparsity.optimizer: moved to sparsity.train.optimizer",
+                 "sparsity.score_init: moved to sparsity.optg.score_init",
+                 "sparsity.srste_decay: moved to sparsity.srste.decay",
+                 "sparsity.score_lr_factor: no longer a config key: `start` sets it"):
+        assert line in err
+    assert not run.exists()
