@@ -224,7 +224,7 @@ class Suite:
 
 
 def _count(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    from stages.report import count_macs_and_params
+    from stages.counting import count_macs_and_params
 
     return count_macs_and_params(model, x)
 

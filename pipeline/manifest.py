@@ -13,30 +13,30 @@ Schema versions: 1 (first release); 2 adds `metrics.layers[].parameter` and the 
 version-1 manifest still loads (to resume a run made by the older release): its layer rows get
 the only parameter name version 1 could sparsify, `<module>.weight`, and its export record the
 file names version 1 wrote.
+
+The records of stage results are the stages' own (`stages.records`: the data summary and the
+metrics; `stages.export`: the export, quantization and deployment records); this module
+composes them with the run's own records (stages, artifacts, errors, environment).
 """
 from __future__ import annotations
 
 import platform
 import sys
-from pathlib import Path
 from typing import Any, Literal
 
 import torch as _torch
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     field_serializer,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from optg.pattern import Pattern, unstructured_from_row
-from stages.bake import BakedLayer
-from stages.export import ExportResult
-from stages.onnx_eval import FileMetric
+from stages.export import Deployment, ExportRecord
+from stages.records import GrowingRecord as _Growing
+from stages.records import Metrics
+from stages.records import Record as _Record
 from stages.train import EpochRecord
 from stages.verify import VerifyResult
 
@@ -44,21 +44,6 @@ SCHEMA_VERSION = 5
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 Status = Literal["running", "succeeded", "gate_failed", "failed", "interrupted"]
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-
-class _Growing(_Record):
-    """A section whose JSON holds only the keys that were set, in the order fields are declared."""
-
-    @model_serializer(mode="wrap")
-    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        keep = set(self.model_fields_set)  # field names, and their aliases for by_alias dumps
-        keep |= {info.alias for name, info in type(self).model_fields.items() if name in keep and info.alias}
-        return {k: v for k, v in data.items() if k in keep}
 
 
 class StageRecord(_Record):
@@ -81,90 +66,12 @@ class Rerun(_Record):
     reason: str
 
 
-class DataSummary(_Growing):
-    name: str
-    input_shape: list[int]
-    num_classes: int  # classes; for a causal LM the vocabulary size
-    sizes: dict[str, int]
-    tokenizer: dict[str, Any] | None = None  # token data: files, vocab_size, pad_id, eos_id
-
-
 class DistributedRecord(_Record):
     """How the run was launched: processes, their backend (None: one process), nodes."""
 
     world_size: int
     backend: Literal["nccl", "gloo"] | None
     nnodes: int
-
-
-class Metrics(_Growing):
-    task: str | None = None  # the run's task (classification, causal_lm, ...)
-    metric: str | None = None  # its metric (accuracy, perplexity)
-    data: DataSummary | None = None
-    macs: int | None = None
-    params: int | None = None
-    dense_accuracy: float | None = None
-    dense_perplexity: float | None = None
-    targeted_sparsity: float | None = None
-    model_sparsity: float | None = None
-    layers: list[BakedLayer] = Field(default_factory=list)
-    sparse_accuracy: float | None = None
-    accuracy_drop: float | None = None
-    sparse_perplexity: float | None = None
-    perplexity_increase: float | None = None  # relative: sparse / dense - 1
-    nonzero_params: int | None = None
-    parity_max_abs_error: float | None = None
-    onnx: list[FileMetric] = Field(default_factory=list)  # each shipped file's metric in ONNX Runtime
-    pattern_coverage: float | None = None  # share of the file's weight MACs on weights holding the N:M pattern
-    latency: dict[str, Any] | None = None  # stages.benchmark.LatencyResult.to_dict()
-
-
-class QuantizationRecord(_Record):
-    """`export.quantize: int8`: the INT8 QDQ file, how it was calibrated, and per weighted GEMM
-    whether it is INT8 in, INT8 weight (zero point 0) and INT8 out (`stages.quantize`)."""
-
-    file: str
-    bytes: int
-    seconds: float
-    library: str
-    calibration_batches: int
-    calibration_method: str
-    layers: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class ExportRecord(_Record):
-    """The export result as stored: file names relative to the run directory."""
-
-    exporter: str
-    seconds: float
-    bytes: int
-    warnings: list[str]
-    opset: int
-    dtype: Literal["fp32", "fp16"]
-    compact_bytes: int | None
-    file: str = "model.onnx"
-    compact_file: str | None = None
-    inputs: list[str] = Field(default_factory=list)
-    outputs: list[str] = Field(default_factory=list)
-    quantization: QuantizationRecord | None = None
-
-    @classmethod
-    def of(cls, result: ExportResult, run_dir: Path) -> "ExportRecord":
-        def rel(path: Path) -> str:
-            return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
-        return cls(exporter=result.exporter, seconds=result.seconds, bytes=result.size_bytes,
-                   warnings=list(result.warnings), opset=result.opset, dtype=result.dtype,
-                   compact_bytes=result.compact_size_bytes, file=rel(result.path),
-                   compact_file=None if result.compact_path is None else rel(result.compact_path),
-                   inputs=list(result.input_names), outputs=list(result.output_names))
-
-    def result(self, run_dir: Path) -> ExportResult:
-        """The export result again, for verify on a resumed run."""
-        return ExportResult(path=Path(run_dir) / self.file, exporter=self.exporter, seconds=self.seconds,
-                            size_bytes=self.bytes, warnings=list(self.warnings),
-                            compact_path=None if self.compact_file is None else Path(run_dir) / self.compact_file,
-                            compact_size_bytes=self.compact_bytes, dtype=self.dtype, opset=self.opset,
-                            input_names=list(self.inputs), output_names=list(self.outputs))
 
 
 class Environment(_Record):
@@ -187,27 +94,6 @@ class Environment(_Record):
                    cuda_available=_torch.cuda.is_available(), device=name, cpu_threads=_torch.get_num_threads(),
                    os=f"{platform.system()} {platform.release()} ({platform.machine()})",
                    command=list(sys.argv if command is None else command))
-
-
-class TensorSpec(_Record):
-    name: str
-    shape: list[int | str]  # a symbolic dim (the batch) by its name
-    dtype: str
-
-
-class Deployment(_Record):
-    """What a deployment needs to feed `model.onnx` and read its output; the same facts are in
-    the file's metadata_props (`optg.inputs`, `optg.outputs`, `optg.class_names`,
-    `optg.preprocessing`)."""
-
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    class_names: list[str] | None = None
-    preprocessing: dict[str, Any] | None = None
-    tokenizer: list[str] | None = None  # the tokenizer files in the run directory that feed `input_ids`
-    # per shipped ONNX file, the trtexec command that builds its sparse engine, for TensorRT 10
-    # and 11 (`stages.tensorrt.engine_commands`: file, dtype, tensorrt10, tensorrt11)
-    tensorrt: list[dict[str, str]] = Field(default_factory=list)
 
 
 class ErrorRecord(_Growing):

@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,6 @@ from pipeline.manifest import Artifact, Manifest, Rerun, StageRecord
 from stages.io import atomic_write_json, atomic_write_text, sha256_file
 
 RUNNER_FILES = ("config.yaml", "metrics.csv")  # artifacts the runner rewrites on every (re)open
-OWN_SECTIONS = ("export", "verify")  # manifest sections named after the stage that writes them
 
 
 def looks_ours(raw: Any) -> bool:
@@ -65,9 +64,12 @@ class RunDir:
     only, taken from rank 0 with `adopt`; `save` and `add_artifact` write nothing.
     """
 
-    def __init__(self, path: Path, writer: bool = True) -> None:
+    def __init__(self, path: Path, writer: bool = True, results: Mapping[str, Sequence[str]] | None = None) -> None:
+        """results: per stage, the manifest sections that are its result alone (the stage rows'
+        `results`); a stage that is redone or gone drops them."""
         self.path = Path(path)
         self.writer = writer
+        self.results = dict(results or {})
         self.manifest_path = self.path / "manifest.json"
         self.checkpoints = self.path / "checkpoints"
         self._manifest: Manifest | None = None
@@ -264,8 +266,8 @@ class RunDir:
             return []
         for name in names:
             del self.manifest.stages[name]
-            if name in OWN_SECTIONS:  # its result goes too: a stage now disabled leaves none behind
-                self.manifest.unset(name)
+            for section in self.results.get(name, ()):  # its result goes too: a stage now disabled leaves none
+                self.manifest.unset(section)
         for key, artifact in list(self.manifest.artifacts.items()):
             if artifact.stage in names:
                 (self.path / artifact.path).unlink(missing_ok=True)

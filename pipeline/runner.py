@@ -1,11 +1,12 @@
 """The runner: config -> stages -> artifacts, with a manifest and resume.
 
-It walks the stage table (`pipeline.stage_table.STAGES`: data, model, train (dense, optional),
-reference, reference_onnx, structured, sparsify, bake, validate, export, verify, benchmark,
-report). A stage recorded as done in the
-manifest is not run again: it restores what later stages need, or reruns when it is cheap; the
-training stages also resume mid-phase from their last epoch checkpoint. Outcomes map to exit
-codes in cli.py: 0 ok, 2 config/usage, 3 gate failed, 1 anything else.
+It walks the stage table (`pipeline.stage_table.STAGES`, the rows the stage modules declare:
+data, model, train (dense, optional), reference, reference_onnx, structured, sparsify, bake,
+validate, export, verify, onnx_validate, benchmark, report) and knows nothing about any one
+stage. A stage recorded as done in the manifest is not run again: it restores what later
+stages need, or reruns when it is cheap; the training stages also resume mid-phase from their
+last epoch checkpoint. Outcomes map to exit codes in cli.py: 0 ok, 2 config/usage, 3 gate
+failed, 1 anything else.
 """
 from __future__ import annotations
 
@@ -95,14 +96,15 @@ class Runner:
                  stages: Sequence[Stage] = STAGES) -> None:
         self.cfg, self.options = cfg, options
         self.log = log or ((lambda msg: None) if options.quiet else (lambda msg: print(msg, file=sys.stderr)))
-        self.run = RunDir(options.out or Path("runs") / cfg.name, writer=options.dist.writer)
+        self.run = RunDir(options.out or Path("runs") / cfg.name, writer=options.dist.writer,
+                          results={stage.name: stage.results for stage in stages})
         self.table = list(stages)
         self.stages = [stage for stage in stages if stage.enabled(cfg)
                        and (stage.all_ranks or options.dist.writer)]
         writer = options.dist.writer  # tracking, like every file, is rank 0's
         self.ctx = RunContext(cfg, self.run, resolve_device(cfg.device), self.log, progress=options.progress,
                               on_step=options.on_step, on_epoch=self._log_epoch if writer else None,
-                              dist=options.dist)
+                              dist=options.dist, broadcast=lambda value: broadcast_object(value, options.dist))
         self.tracking = build_tracking(cfg.tracking, self.log)  # used on rank 0 only
         self.failed_stage: str | None = None
 
@@ -123,9 +125,10 @@ class Runner:
             if stage.section and isinstance(exc, (ConfigFieldError, GateFailure)):
                 exc.locate(stage.section)
             if isinstance(exc, StageConfigError):  # typed: the stage names its field, nobody reads the text
-                where = stage.section or stage.name
-                raise ConfigError([f"{where}.{exc.field}: {exc}" if exc.field else f"{where}: {exc}"],
-                                  str(self.cfg.name)) from None
+                where = exc.section or stage.section or stage.name
+                if exc.field:
+                    where = f"{where}.{exc.field}"
+                raise ConfigError([f"{where}: {message}" for message in exc.messages], str(self.cfg.name)) from None
             if isinstance(exc, SystemExit):  # a plugin's sys.exit(0) must not end the run as a success
                 raise UserExit(f"stage {stage.name!r}: code it ran called sys.exit({exc.code!r}); the run "
                                "stopped there and failed (a stage never ends the process)") from exc

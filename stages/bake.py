@@ -11,6 +11,7 @@ from torch import nn
 
 import optg
 from optg.pattern import Pattern, unstructured_from_row
+from stages.context import RunContext, Stage
 from stages.io import atomic_write
 
 
@@ -98,3 +99,25 @@ def load_safetensors(model: nn.Module, path: Path, device: str = "cpu") -> None:
             if stored is not None and alias not in state:
                 state[alias] = state[stored]
     model.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def run_bake(ctx: RunContext) -> None:
+    result = bake(ctx.sparsifier)
+    metrics = ctx.run.manifest.metrics
+    metrics.targeted_sparsity, metrics.model_sparsity = result.targeted_sparsity, result.model_sparsity
+    metrics.layers = result.layers
+    if not ctx.dist.writer:
+        return
+    path = save_safetensors(ctx.model, ctx.run.path / "model.safetensors",
+                                       {"config_hash": ctx.run.manifest.config_hash})
+    ctx.run.add_artifact("model.safetensors", path)
+
+
+def restore_baked(ctx: RunContext) -> None:
+    load_safetensors(ctx.model, ctx.run.path / "model.safetensors", device=str(ctx.device))
+
+
+ROW = Stage("bake", run_bake, restore=restore_baked, state="weights")

@@ -74,11 +74,14 @@ class StageConfigError(StageError):
     layer plan that sparsifies nothing). The pipeline reports it as a config error: exit 2.
 
     `field`, where one setting is at fault, is its dotted key in the stage's own config (e.g.
-    'ignore' for `structured.ignore`); the pipeline prefixes the stage's section."""
+    'ignore' for `structured.ignore`); the pipeline prefixes the stage's section, or `section`
+    where the problem is in another one (the model stage finding that `sparsity:` selects no
+    layer of the model). Several problems found together are several `messages`, each reported."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+    def __init__(self, message: str | Sequence[str], field: str | None = None, section: str | None = None) -> None:
+        self.messages = [message] if isinstance(message, str) else list(message)
+        super().__init__("; ".join(self.messages))
+        self.field, self.section = field, section
 
 
 class ConfigFieldError(_Locatable, StageError):

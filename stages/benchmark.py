@@ -12,6 +12,7 @@ input and output then stay on the device (IO binding). TensorRT is never timed n
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,10 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from stages.base import StageError, StrictModel
+from stages.context import RunContext, Stage
 from stages.export import ExportConfig, export_onnx
+from stages.tasks import export_view
+from stages.validate import check_latency
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _INT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -279,3 +283,57 @@ def render_latency_markdown(latency: dict[str, Any], candidate: str = "model.onn
                      f"| {r['reference_ms']:.3f} | {r['candidate_ms']:.3f} | {r['ratio']:.3f} |")
     lines += [f"- {note}" for note in latency.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def run_reference_onnx(ctx: RunContext) -> None:
+    """The latency reference: the dense model (after the dense phase / pretrained load, before
+    structured pruning and sparse training) exported exactly like the final model."""
+    model = copy.deepcopy(ctx.model).cpu().eval()
+    cfg = ctx.cfg.export.model_copy(update={"compact": False})
+    example = ctx.example(2)
+    names, axes = ctx.export_interface(example)
+    with export_view(model, ctx.task) as view:
+        path = export_reference(view, example, ctx.run.path / "reference.onnx", cfg,
+                                                input_names=names, dynamic_axes=axes)
+    ctx.run.add_artifact("reference.onnx", path)
+
+
+def run_benchmark(ctx: RunContext) -> None:
+    """Time reference.onnx against the final ONNX (ONNX Runtime, CPU; CUDA too when installed),
+    record `metrics.latency`, then gate on `validate.max_latency_ratio` (exit 3): the gate lives
+    here because the ratio exists only once the final file is exported."""
+    manifest = ctx.run.manifest
+    if manifest.export is None:
+        raise StageError("benchmark needs the export stage's result, and the manifest has none")
+    bundle, cfg = ctx.bundle, ctx.cfg.benchmark
+    tokens = None
+    if ctx.task.text_layout is not None:
+        vocab = bundle.tokenizer.vocab_size if bundle.tokenizer is not None else bundle.num_classes
+        tokens = TokenInputs(min(vocab, (bundle.max_token_id or vocab - 1) + 1),
+                                             cfg.sequence_lengths or [int(bundle.input_shape[0])])
+    result = measure_latency(ctx.run.path / "reference.onnx", ctx.run.path / manifest.export.file,
+                                             bundle.input_shape, cfg, tokens)
+    latency = result.to_dict()
+    timed = [("model.onnx", result)]
+    if manifest.export.quantization is not None:  # the INT8 file's ORT CPU latency joins the table
+        int8 = measure_latency(ctx.run.path / "reference.onnx",
+                                               ctx.run.path / manifest.export.quantization.file,
+                                               bundle.input_shape, cfg, tokens)
+        latency["int8"] = int8.to_dict()
+        timed.append((manifest.export.quantization.file, int8))
+    manifest.metrics.latency = latency
+    for file, measured in timed:
+        for row in measured.rows:
+            at = f" sequence {row.sequence_length}" if row.sequence_length is not None else ""
+            ctx.log(f"[benchmark] {row.provider} batch {row.batch_size}{at}: reference {row.reference_ms:.3f} ms, "
+                    f"{file} {row.candidate_ms:.3f} ms, ratio {row.ratio:.3f} ({measured.threads} thread(s))")
+    check_latency(result.max_ratio(), ctx.cfg.validate)
+
+
+REFERENCE_ONNX_ROW = Stage("reference_onnx", run_reference_onnx, enabled=lambda c: c.benchmark_active,
+                           section="export", all_ranks=False)
+ROW = Stage("benchmark", run_benchmark, enabled=lambda c: c.benchmark_active, section="validate",
+            inputs=("benchmark",), redoable=True, all_ranks=False)

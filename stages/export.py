@@ -38,14 +38,18 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field, field_validator
 from torch import nn
 
+from stages import onnx_eval, quantize, tensorrt
 from stages.base import StageError, StrictModel, eval_mode
-from stages.io import WriteError, atomic_write
+from stages.context import RunContext, Stage
+from stages.io import atomic_write
+from stages.onnx_file import atomic_save
 from stages.onnx_sparsity import DENSE_WEIGHTS_KEY, collect_weights
+from stages.records import Record
+from stages.tasks import export_view
 from stages.weight_match import match_weights
 
 COMPACT_MIN_SPARSITY = 0.5
 _COMPACT_MIN_NUMEL = 64  # tiny tensors are not worth an index array
-_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold 2 GB: spill weights to "<name>.data"
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
@@ -320,37 +324,6 @@ def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
-def atomic_save(proto: onnx.ModelProto, path: Path) -> Path | None:
-    """Write through `stages.io.atomic_write` (temp file, fsync, rename): never a truncated file.
-
-    Models over ~1.8 GB (`_EXTERNAL_DATA_BYTES`) keep their weights in "<name>.data" beside the
-    file: both are written into a hidden staging folder next to `path`, then the sidecar and
-    after it the .onnx are renamed into place, each atomically, so the .onnx never appears
-    before its weights. Returns the sidecar's path (None when the weights are inline; a stale
-    sidecar of an earlier, larger export is removed then).
-    """
-    path = Path(path)
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    sidecar = path.with_name(path.name + ".data")
-    if weight_bytes <= _EXTERNAL_DATA_BYTES:
-        atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp)))
-        sidecar.unlink(missing_ok=True)
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent) as staging:
-        staged = Path(staging) / path.name
-        try:
-            onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=sidecar.name)
-        except (OSError, ValueError) as exc:
-            raise WriteError(sidecar, f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)) from exc
-        staged_data = Path(staging) / sidecar.name
-        if staged_data.exists():
-            atomic_write(sidecar, lambda tmp: os.replace(staged_data, tmp))
-        atomic_write(path, lambda tmp: os.replace(staged, tmp))
-    return sidecar if sidecar.exists() else None
-
-
 def make_compact(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of `proto` with sparse-enough float initializers stored as COO sparse initializers."""
     out = copy.deepcopy(proto)
@@ -431,3 +404,182 @@ def convert_float_type(proto: onnx.ModelProto, src: int, dst: int) -> onnx.Model
 
     conv_graph(out.graph)
     return out
+
+
+# --------------------------------------------------------------------------- the records
+
+
+class QuantizationRecord(Record):
+    """`export.quantize: int8`: the INT8 QDQ file, how it was calibrated, and per weighted GEMM
+    whether it is INT8 in, INT8 weight (zero point 0) and INT8 out (`stages.quantize`)."""
+
+    file: str
+    bytes: int
+    seconds: float
+    library: str
+    calibration_batches: int
+    calibration_method: str
+    layers: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ExportRecord(Record):
+    """The export result as stored: file names relative to the run directory."""
+
+    exporter: str
+    seconds: float
+    bytes: int
+    warnings: list[str]
+    opset: int
+    dtype: Literal["fp32", "fp16"]
+    compact_bytes: int | None
+    file: str = "model.onnx"
+    compact_file: str | None = None
+    inputs: list[str] = Field(default_factory=list)
+    outputs: list[str] = Field(default_factory=list)
+    quantization: QuantizationRecord | None = None
+
+    @classmethod
+    def of(cls, result: ExportResult, run_dir: Path) -> "ExportRecord":
+        def rel(path: Path) -> str:
+            return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
+        return cls(exporter=result.exporter, seconds=result.seconds, bytes=result.size_bytes,
+                   warnings=list(result.warnings), opset=result.opset, dtype=result.dtype,
+                   compact_bytes=result.compact_size_bytes, file=rel(result.path),
+                   compact_file=None if result.compact_path is None else rel(result.compact_path),
+                   inputs=list(result.input_names), outputs=list(result.output_names))
+
+    def result(self, run_dir: Path) -> ExportResult:
+        """The export result again, for verify on a resumed run."""
+        return ExportResult(path=Path(run_dir) / self.file, exporter=self.exporter, seconds=self.seconds,
+                            size_bytes=self.bytes, warnings=list(self.warnings),
+                            compact_path=None if self.compact_file is None else Path(run_dir) / self.compact_file,
+                            compact_size_bytes=self.compact_bytes, dtype=self.dtype, opset=self.opset,
+                            input_names=list(self.inputs), output_names=list(self.outputs))
+
+
+class TensorSpec(Record):
+    name: str
+    shape: list[int | str]  # a symbolic dim (the batch) by its name
+    dtype: str
+
+
+class Deployment(Record):
+    """What a deployment needs to feed `model.onnx` and read its output; the same facts are in
+    the file's metadata_props (`optg.inputs`, `optg.outputs`, `optg.class_names`,
+    `optg.preprocessing`)."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    class_names: list[str] | None = None
+    preprocessing: dict[str, Any] | None = None
+    tokenizer: list[str] | None = None  # the tokenizer files in the run directory that feed `input_ids`
+    # per shipped ONNX file, the trtexec command that builds its sparse engine, for TensorRT 10
+    # and 11 (`stages.tensorrt.engine_commands`: file, dtype, tensorrt10, tensorrt11)
+    tensorrt: list[dict[str, str]] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def _copy_tokenizer(ctx: RunContext) -> list[str]:
+    """The tokenizer files beside model.onnx (hashed artifacts): the run directory alone serves."""
+    info = ctx.bundle.tokenizer
+    if info is None:
+        return []
+    names = []
+    for source in info.files:
+        data = Path(source).read_bytes()
+
+        def write(tmp: Path, data: bytes = data) -> None:
+            Path(tmp).write_bytes(data)
+
+        path = atomic_write(ctx.run.path / source.name, write)
+        ctx.run.add_artifact(source.name, path)
+        names.append(source.name)
+    return names
+
+
+def _dense_weights(ctx: RunContext) -> dict[str, str]:
+    """The weights this run left dense on purpose (tied, output head, excluded...), with the
+    reason: the file records them so `optg inspect --pattern` on it agrees with the run."""
+    dense = {layer.parameter: layer.reason for layer in ctx.run.manifest.metrics.layers
+             if layer.pattern.is_dense and layer.reason}
+    by_id = {id(p): n for n, p in ctx.model.named_parameters()}  # first name of each tensor
+    for alias, param in ctx.model.named_parameters(remove_duplicate=False):  # a tied head's own name too
+        first = by_id.get(id(param))
+        if first in dense and alias not in dense:
+            dense[alias] = dense[first]
+    return dense
+
+
+def run_export(ctx: RunContext) -> None:
+    s, manifest = ctx.cfg.sparsity, ctx.run.manifest
+    target = s.as_pattern.target
+    metadata = {"optg.config_hash": manifest.config_hash, "optg.method": s.method, "optg.pattern": str(s.pattern),
+                "optg.target": str(target), "optg.task": ctx.task.name,
+                "optg.targeted_sparsity": f"{manifest.metrics.targeted_sparsity or 0:.6f}",
+                "optg.version": manifest.versions["optg-pipeline"]}
+    bundle = ctx.bundle
+    if bundle.class_names is not None:
+        metadata["optg.class_names"] = json.dumps(bundle.class_names)
+    if bundle.preprocessing is not None:
+        metadata["optg.preprocessing"] = json.dumps(bundle.preprocessing)
+    tokenizer = _copy_tokenizer(ctx)
+    if tokenizer:
+        metadata["optg.tokenizer"] = json.dumps(tokenizer)
+    ctx.model.eval().cpu()
+    example = ctx.example(2)
+    names, axes = ctx.export_interface(example)
+    with export_view(ctx.model, ctx.task) as view:
+        result = export_onnx(view, example, ctx.run.path / "model.onnx", ctx.cfg.export, metadata,
+                             input_names=names, dynamic_axes=axes, dense_weights=_dense_weights(ctx))
+    manifest.deployment = Deployment(inputs=result.inputs, outputs=result.outputs,  # type: ignore[arg-type]
+                                     class_names=bundle.class_names, preprocessing=bundle.preprocessing,
+                                     tokenizer=tokenizer or None)
+    ctx.run.add_artifact("model.onnx", result.path)
+    if result.compact_path is not None:
+        ctx.run.add_artifact("model.compact.onnx", result.compact_path)
+    for sidecar in result.data_paths:  # weights of a model over ~1.8 GB, beside the .onnx
+        ctx.run.add_artifact(sidecar.name, sidecar)
+    manifest.export = ExportRecord.of(result, ctx.run.path)
+    for note in result.warnings:
+        ctx.log(f"[export] note: {note}")
+    shipped: list[tuple[str, str]] = [(result.path.name, result.dtype)]
+    if ctx.cfg.export.quantize == "int8":
+        manifest.export.quantization = _export_int8(ctx, result, example, names, axes, metadata)
+        shipped.append((manifest.export.quantization.file, "int8"))
+    lengths = ctx.cfg.benchmark.sequence_lengths or [int(bundle.input_shape[0])]
+    sequence = max(lengths) if ctx.task.text_layout is not None else None
+    manifest.deployment.tensorrt = [tensorrt.engine_commands(file, dtype, result.inputs,
+                                                                   ctx.cfg.benchmark.batch_sizes, sequence)
+                                    for file, dtype in shipped]
+
+
+def _export_int8(ctx: RunContext, result: ExportResult, example: list[torch.Tensor], names: list[str],
+                 axes: list[dict[int, str]], metadata: dict[str, str]) -> QuantizationRecord:
+    """model.int8.onnx from the fp32 graph (model.onnx itself, or for an fp16 export a staged
+    fp32 export that is removed afterwards), calibrated on the first training batches."""
+    cfg = ctx.cfg.export
+    dest = ctx.run.path / "model.int8.onnx"
+    with tempfile.TemporaryDirectory(dir=ctx.run.path, prefix=".fp32-") as tmp:
+        source = result
+        if result.dtype != "fp32":
+            fp32 = cfg.model_copy(update={"dtype": "fp32", "compact": False, "quantize": "none"})
+            with export_view(ctx.model, ctx.task) as view:
+                source = export_onnx(view, example, Path(tmp) / "model.fp32.onnx", fp32, metadata, input_names=names,
+                                     dynamic_axes=axes, dense_weights=_dense_weights(ctx))
+        feeds = onnx_eval.calibration_feeds(ctx.bundle, ctx.task, source.inputs, cfg.calibration_batches,
+                                            ctx.cfg.data.batch_size)
+        quantized = quantize.quantize_int8(source.path, dest, feeds, cfg.calibration_method)
+    ctx.run.add_artifact("model.int8.onnx", dest)
+    form = sum(layer.sparse_int8_form for layer in quantized.layers)
+    ctx.log(f"[export] model.int8.onnx: {form}/{len(quantized.layers)} weighted GEMMs INT8 in, weight and out; "
+            f"{len(feeds)} calibration batches ({cfg.calibration_method}), {quantized.seconds:.1f} s")
+    return QuantizationRecord(file=dest.name, bytes=dest.stat().st_size, seconds=quantized.seconds,
+                              library=quantized.library, calibration_batches=len(feeds),
+                              calibration_method=cfg.calibration_method,
+                              layers=[layer.to_dict() for layer in quantized.layers])
+
+
+ROW = Stage("export", run_export, enabled=lambda c: c.export.enabled, section="export", inputs=("export",),
+            redoable=True, all_ranks=False, results=("export",))

@@ -12,14 +12,20 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Sequence
 
+import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from optg.registry import UnknownNameError
 from stages import hf
-from stages.base import StageError, StrictModel
+from stages import sparsify as sparsify_stage
+from stages import structured as structured_stage
+from stages.base import StageConfigError, StageError, StrictModel
 from stages.checkpoints import WeightsReport, load_weights
+from stages.context import RunContext, Stage
+from stages.counting import count_macs_and_params
 from stages.plugins import check_options, import_callable, schema_problems
+from stages.tasks import export_view
 from stages.zoo import MODELS, options_schema, timm_model, torchvision_model
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -212,3 +218,43 @@ def build(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int, task: 
         return ModelResult(model)
     report = load_weights(model, cfg.weights, key=cfg.weights_key, reinit_head=cfg.reinit_head)
     return ModelResult(model, report)
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def run_model(ctx: RunContext) -> None:
+    """Build the model on the run's device and count its MACs; plan the sparse layers and try
+    channel pruning now, so a config that cannot work fails (exit 2) before any training."""
+    torch.manual_seed(ctx.cfg.seed)
+    bundle, task = ctx.bundle, ctx.task
+    pad = bundle.tokenizer.pad_id if bundle.tokenizer is not None else None
+    ctx.model_ = build_model(ctx.cfg.model, bundle.input_shape, bundle.num_classes, task, pad).to(ctx.device)
+    _check_vocabulary(ctx)
+    example = task.to_device(bundle.batch("val", 1), ctx.device)
+    metrics = ctx.run.manifest.metrics
+    with export_view(ctx.model, task) as view:  # positional inputs, whatever the model's keywords
+        metrics.macs, metrics.params = count_macs_and_params(view, task.inputs(example))
+    try:  # plan the target layers now: a config that sparsifies nothing fails before training
+        sparsify_stage.plan(ctx.model, ctx.cfg.sparsity)
+    except ValueError as exc:
+        raise StageConfigError(str(exc), section="sparsity") from None
+    if ctx.cfg.structured is not None:  # a model channel pruning would break is refused now, not after training
+        trial = structured_stage.trial_problems(ctx.model, ctx.cfg.structured,
+                                                ctx.bundle.tensors("train", limit=2)[0].to(ctx.device))
+        if trial:
+            raise StageConfigError(trial, section="structured")
+
+
+def _check_vocabulary(ctx: RunContext) -> None:
+    """Token data whose ids the model's embedding cannot look up fails here, not mid-training."""
+    top = ctx.bundle.max_token_id
+    embeddings = getattr(ctx.model, "get_input_embeddings", None)
+    table = embeddings() if callable(embeddings) else None
+    if top is not None and isinstance(table, nn.Embedding) and top >= table.num_embeddings:
+        raise StageConfigError(f"the tokenizer gives token id {top}, the model's embedding has "
+                               f"{table.num_embeddings} rows (vocab_size); use the model's own tokenizer",
+                               section="data")
+
+
+ROW = Stage("model", run_model, rerun=True, inputs=("model",))

@@ -12,6 +12,9 @@ import onnxruntime as ort
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from stages import validate as validate_stage
+from stages.base import GateFailure, StageError
+from stages.context import RunContext, Stage
 from stages.data import DataBundle
 from stages.tasks import Task
 
@@ -82,3 +85,45 @@ def render_files_markdown(rows: list[FileMetric]) -> str:
         lines.append(f"| {r.file} | {r.dtype} | {r.metric} | {cell(r.value)} | {cell(r.pytorch)} | "
                      f"{cell(r.difference, True)} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def run_onnx_validate(ctx: RunContext) -> None:
+    """Every shipped ONNX file through ONNX Runtime over the whole test split; the run's gate
+    applies to the worst of them (exit 3 naming the file)."""
+    manifest, metric = ctx.run.manifest, ctx.task.metric
+    if manifest.export is None:
+        raise StageError("onnx_validate needs the export stage's result, and the manifest has none")
+    export = manifest.export.result(ctx.run.path)
+    files: list[tuple[Path, str]] = [(Path(export.path), export.dtype)]
+    if export.compact_path is not None:
+        files.append((Path(export.compact_path), export.dtype))
+    if manifest.export.quantization is not None:
+        files.append((ctx.run.path / manifest.export.quantization.file, "int8"))
+    pytorch = getattr(manifest.metrics, f"sparse_{metric.gates}")
+    rows = []
+    for path, dtype in files:
+        value = evaluate_onnx(path, ctx.bundle, ctx.task, batch_size=ctx.cfg.data.eval_batch_size)
+        rows.append(FileMetric(
+            file=path.name, dtype=dtype, metric=metric.name, value=value, pytorch=pytorch,
+            difference=None if value is None or pytorch is None else value - pytorch))
+        ctx.log(f"[onnx_validate] {path.name} ({dtype}): test {metric.name} {value:.4f} in ONNX Runtime"
+                + (f", PyTorch {pytorch:.4f}" if pytorch is not None else "") if value is not None else
+                f"[onnx_validate] {path.name}: empty test split")
+    manifest.metrics.onnx = rows
+    dense = getattr(manifest.metrics, f"dense_{metric.gates}")
+    for quantized in (False, True):
+        bad = worst([r for r in rows if (r.dtype == "int8") == quantized], metric.higher_is_better)
+        if bad is None or bad.value is None:
+            continue
+        gate = validate_stage.validate_quantized if quantized else validate_stage.validate
+        result = gate(bad.value, dense, ctx.cfg.validate, metric)
+        if not result.passed:
+            raise GateFailure(metric.gates, f"{bad.file} (ONNX Runtime, whole test split): ",
+                              problems=result.failures)
+
+
+ROW = Stage("onnx_validate", run_onnx_validate, enabled=lambda c: c.export.enabled, section="validate",
+            inputs=("validate",), redoable=True, all_ranks=False)

@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from stages.base import StageError
+from stages.onnx_file import atomic_save
 
 GEMMS = ("Conv", "Gemm", "MatMul")
 # Ops TensorRT fuses into a GEMM's epilogue before an output quantizer (bias, activation, residual).
@@ -112,8 +113,6 @@ def quantize_int8(source: Path, dest: Path, feeds: list[dict[str, np.ndarray]],
         original = onnx.load(str(source), load_external_data=False)
         del proto.metadata_props[:]
         proto.metadata_props.extend(_renamed_metadata(original, proto))
-        from stages.export import atomic_save
-
         atomic_save(proto, dest)
     return QuantizeResult(dest, time.perf_counter() - start, len(feeds), method, LIBRARY, qdq_placement(proto))
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
 
 from optg.pattern import Pattern, unstructured_from_row
+from stages import benchmark as benchmark_stage
+from stages import onnx_eval
+from stages import quantize as quantize_stage
+from stages import structured as structured_stage
+from stages import tensorrt as tensorrt_stage
 from stages.bake import BakedLayer
-from stages.base import StrictModel, eval_mode
+from stages.base import StrictModel
+from stages.context import RunContext, RunRecord, Stage
 from stages.io import atomic_write, atomic_write_text
 from stages.train import EpochRecord
 
@@ -76,21 +80,6 @@ class ReportInput(BaseModel):
     @classmethod
     def _unstructured_from_text(cls, data: Any) -> Any:
         return unstructured_from_row(data, "target")
-
-
-def count_macs_and_params(model: nn.Module, example_input: torch.Tensor | list[torch.Tensor]) -> tuple[int, int]:
-    """Dense MACs and parameters for one sample (torch-pruning's counter); `example_input` is
-    the model's input, or the list of its positional inputs (a token model's ids and mask)."""
-    import torch_pruning as tp
-
-    inputs = [t[:1] for t in example_input] if isinstance(example_input, list) else example_input[:1]
-    with eval_mode(model):
-        macs, params = tp.utils.count_ops_and_params(model, inputs)
-    return int(macs), int(params)
-
-
-def nonzero_params(model: nn.Module) -> int:
-    return int(sum(int(torch.count_nonzero(p)) for p in model.parameters()))
 
 
 def accuracy_gate(report: ReportInput) -> float | None:
@@ -307,3 +296,53 @@ def write_report(run_dir: Path, report: ReportInput, cfg: ReportConfig) -> list[
         plot_name = "training.png"
     written.append(atomic_write_text(run_dir / "report.md", render_markdown(report, plot_name)))
     return written
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def report_input(ctx: RunContext) -> ReportInput:
+    """The report's typed input, from the manifest and the sparsity config."""
+    m, s = ctx.run.manifest, ctx.cfg.sparsity
+    shown = ("dense_accuracy", "sparse_accuracy", "accuracy_drop", "dense_perplexity", "sparse_perplexity",
+             "perplexity_increase", "targeted_sparsity", "model_sparsity", "params", "nonzero_params", "macs",
+             "parity_max_abs_error", "pattern_coverage")
+    return ReportInput(
+        name=m.name, status=m.status, failed_gate=m.error.gate if m.error else None,
+        error=m.error.message if m.error else None, method=s.method, pattern=s.as_pattern, target=s.target,
+        config_hash=m.config_hash, **{k: getattr(m.metrics, k) for k in shown},
+        metric=ctx.task.metric.name, max_accuracy_drop=ctx.cfg.validate.max_accuracy_drop,
+        min_accuracy=ctx.cfg.validate.min_accuracy, max_perplexity_increase=ctx.cfg.validate.max_perplexity_increase,
+        max_perplexity=ctx.cfg.validate.max_perplexity,
+        stages=[StageRow(name=k, status=v.status, seconds=v.seconds) for k, v in m.stages.items()],
+        layers=m.metrics.layers, onnx_layers=m.verify.layers if m.verify else [],
+        artifacts=[ArtifactRow(**a.model_dump()) for a in m.artifacts.values()],
+        history=m.history, sections=_report_sections(m))
+
+
+def _report_sections(m: RunRecord) -> list[str]:
+    """The sections other stages' results add to report.md, in reading order."""
+    sections = []
+    if m.structured is not None:
+        sections.append(structured_stage.render_structured_markdown(m.structured))
+    if m.metrics.onnx:
+        sections.append(onnx_eval.render_files_markdown(m.metrics.onnx))
+    if m.export is not None and m.export.quantization is not None and m.verify is not None:
+        q = m.export.quantization
+        sections.append(quantize_stage.render_placement_markdown(q.file, m.verify.quantized, q.calibration_method,
+                                                                 q.calibration_batches))
+    if m.deployment is not None and m.deployment.tensorrt:
+        sections.append(tensorrt_stage.render_markdown(m.deployment.tensorrt))
+    if m.metrics.latency is not None:
+        sections.append(benchmark_stage.render_latency_markdown(m.metrics.latency))
+        if isinstance(m.metrics.latency.get("int8"), dict):
+            sections.append(benchmark_stage.render_latency_markdown(m.metrics.latency["int8"], "model.int8.onnx"))
+    return sections
+
+
+def run_report(ctx: RunContext) -> None:
+    for path in write_report(ctx.run.path, report_input(ctx), ctx.cfg.report):
+        ctx.run.add_artifact(path.name, path)
+
+
+ROW = Stage("report", run_report, epilogue=True, section="report", inputs=("report",), redoable=True, all_ranks=False)

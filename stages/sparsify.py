@@ -13,9 +13,10 @@ import optg
 from optg.pattern import Pattern, parse_nm
 from optg.spec import GuardSpec, ScheduleSpec, SparsitySpec
 from optg.targets import Allocation, default_types
-from stages.base import StrictModel
+from stages.base import ConfigFieldError, StrictModel
+from stages.context import RunContext, Stage
 from stages.tasks import ClassificationTask, Task
-from stages.train import TrainConfig
+from stages.train import TrainConfig, phase_trainer, run_phase
 
 
 def one_shot_methods() -> list[str]:
@@ -351,3 +352,36 @@ def calibrate_if_needed(sparsifier: optg.Sparsifier, loader: Iterable[Any], cfg:
         if len(batches) == cfg.calibration_batches_in_force:
             break
     return sparsifier.calibrate(batches, task.batch_loss)
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def run_sparsify(ctx: RunContext) -> None:
+    """Attach the sparsifier and train; resumed mid-phase from the last sparse checkpoint. Also
+    the restore: with every epoch checkpointed it trains zero epochs and leaves the sparsifier."""
+    cfg, data = ctx.cfg.sparsity, ctx.cfg.data
+    steps = len(ctx.bundle.loader("train", data.batch_size, shuffle=True, rank=ctx.dist.rank,
+                                  world_size=ctx.dist.world_size))
+    from_trained = ctx.cfg.has_reference
+    sparsifier = ctx.sparsifier_ = build_sparsifier(
+        ctx.model, cfg, steps_per_epoch=steps, seed=ctx.cfg.seed, from_trained=from_trained)
+    settings = ctx.run.manifest.sparsity = settings_in_force(sparsifier, cfg, from_trained)
+    ctx.log(f"[sparse] start {settings['start']} ({settings['start_reason']}); " + ", ".join(
+        f"{k} {v}" for k, v in settings.items() if k not in ("method", "start", "start_reason")))
+    checkpoint = ctx.run.checkpoints / "sparse.pt"
+    trainer = phase_trainer(ctx, "sparse", cfg.train, sparsifier) if cfg.train is not None else None
+    if not ctx.on_disk(checkpoint):
+        calibrate_if_needed(
+            sparsifier, ctx.bundle.loader("train", data.batch_size, shuffle=True, seed=ctx.cfg.seed), cfg, ctx.device,
+            ctx.task)
+    if trainer is None:  # one-shot without `sparsity.train`: the calibrated mask is the result
+        return
+    try:
+        run_phase(ctx, trainer, checkpoint)
+    except ConfigFieldError as exc:  # the trainer's fields sit under sparsity.train
+        exc.nest("train")
+        raise
+
+
+ROW = Stage("sparsify", run_sparsify, restore=run_sparsify, state="weights", section="sparsity", inputs=("sparsity",))

@@ -46,8 +46,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from stages.base import StageConfigError, StageError, StrictModel, eval_mode
+from stages.context import RunConfig, RunContext, Stage
+from stages.counting import count_macs_and_params
 from stages.data import DataBundle
-from stages.report import count_macs_and_params
+from stages.io import atomic_torch_save, atomic_write_json
 from stages.structured_importance import (
     IMPORTANCES,
     NEEDS_DATA,
@@ -66,7 +68,7 @@ from stages.structured_plan import (
     channel_table,
     structure_plan,
 )
-from stages.train import StepHook, TrainConfig, Trainer
+from stages.train import StepHook, TrainConfig, Trainer, load_checkpoint
 
 __all__ = [  # the stage's public API (plan helpers re-exported from stages.structured_plan)
     "PLAN_FORMAT", "FineTune", "ReductionTarget", "StepRecord", "StructuredConfig", "StructuredProgress",
@@ -619,3 +621,84 @@ def render_structured_markdown(section: dict[str, Any]) -> str:
         b, a = c["before"], c["after"]
         lines.append(f"| {name} | {b['in']} -> {a['in']} | {b['out']} -> {a['out']} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+STRUCTURED_CHECKPOINT = "structured.pt"  # {"model": state dict, "progress": StructuredProgress JSON}
+
+
+STRUCTURED_FINETUNE = "structured-finetune.pt"  # {"step": n, "trainer": Trainer.state_dict()}
+
+
+def _restore_structured_checkpoint(ctx: RunContext) -> StructuredProgress | None:
+    """Reshape the freshly built dense model to the saved plan and load the saved weights;
+    the saved progress, or None when no structured step has been checkpointed yet."""
+    path = ctx.run.checkpoints / STRUCTURED_CHECKPOINT
+    if not path.exists():
+        return None
+    state = load_checkpoint(path, ctx.device)
+    progress = StructuredProgress.model_validate_json(state["progress"])
+    apply_plan(ctx.model, progress.plan)
+    ctx.model.load_state_dict(state["model"], strict=True)
+    return progress
+
+
+def _structured_train_config(cfg: RunConfig) -> TrainConfig:
+    """The fine-tune's optimiser settings: the dense phase's (`train`), else `sparsity.train`'s
+    (the config check makes sure one exists when the fine-tune has epochs)."""
+    base = cfg.train if cfg.train is not None else cfg.sparsity.train
+    if base is None:  # no fine-tune epochs: the settings are never used
+        return TrainConfig(epochs=1)
+    return base
+
+
+def run_structured(ctx: RunContext) -> None:
+    """Remove channels (stages/structured.py), checkpointing after each step's pruning and each
+    fine-tune epoch; a resumed run rebuilds the slimmed model from the saved plan and goes on."""
+    cfg, data, seed = ctx.cfg.structured, ctx.cfg.data, ctx.cfg.seed
+    assert cfg is not None  # enabled only with a structured section
+    checkpoint, finetune_path = ctx.run.checkpoints / STRUCTURED_CHECKPOINT, ctx.run.checkpoints / STRUCTURED_FINETUNE
+    resume = _restore_structured_checkpoint(ctx)
+    if resume is not None:
+        ctx.log(f"[structured] resuming after step {resume.pruned} (fine-tuned: {resume.finetuned})")
+
+    def save(model: nn.Module, progress: StructuredProgress) -> None:
+        atomic_torch_save({"model": model.state_dict(), "progress": progress.model_dump_json()}, checkpoint)
+
+    def save_finetune(trainer: Trainer, step: int) -> None:
+        atomic_torch_save({"step": step, "trainer": trainer.state_dict()}, finetune_path)
+        manifest = ctx.run.manifest
+        manifest.history = [h for h in manifest.history if h.phase != trainer.phase] + list(trainer.history)
+
+    def load_finetune(step: int) -> dict | None:
+        if not finetune_path.exists():
+            return None
+        state = load_checkpoint(finetune_path, ctx.device)
+        return state["trainer"] if state.get("step") == step else None
+
+    finetune = trainer_finetune(
+        ctx.bundle, _structured_train_config(ctx.cfg), device=ctx.device, seed=seed, batch_size=data.batch_size,
+        log=ctx.log, on_epoch_end=save_finetune, load_state=load_finetune, on_step=ctx.on_step)
+    example = ctx.bundle.tensors("train", limit=2)[0].to(ctx.device)
+    result = prune_channels(
+        ctx.model, cfg, example, batches=batch_source(ctx.bundle, data.batch_size, seed),
+        finetune=finetune, checkpoint=save, resume=resume, seed=seed, log=ctx.log)
+    ctx.run.manifest.structured = result.to_dict()
+    ctx.run.add_artifact("structured_plan.json", atomic_write_json(ctx.run.path / "structured_plan.json", result.plan))
+    macs = result.to_dict()["macs"]
+    ctx.log(f"[structured] MACs {macs['before']} -> {macs['after']} (-{macs['reduction']:.1%}), "
+            f"params {result.params_before} -> {result.params_after}")
+
+
+def restore_structured(ctx: RunContext) -> None:
+    """The slimmed architecture (and its pruned, fine-tuned weights) on a resumed run; later
+    restores (sparse checkpoint, baked weights) then load into the right shapes."""
+    if _restore_structured_checkpoint(ctx) is None:
+        raise StageError(f"structured is recorded done but {ctx.run.checkpoints / STRUCTURED_CHECKPOINT} is "
+                         "missing; rerun with --force")
+
+
+ROW = Stage("structured", run_structured, enabled=lambda c: c.structured is not None, restore=restore_structured,
+            state="architecture", section="structured", inputs=("structured",))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 import torch
@@ -19,8 +20,10 @@ from tqdm.auto import tqdm
 
 from optg import LossGuard, Sparsifier
 from stages.base import ConfigFieldError, FieldProblem, StageError, StrictModel, eval_mode
+from stages.context import RunContext, Stage
 from stages.data import DataBundle
 from stages.data.loading import EpochLoader
+from stages.io import atomic_torch_save, safe_torch_load
 from stages.tasks import ClassificationTask, Task
 
 PHASE_SEEDS = {"dense": 1, "sparse": 2}  # offsets so each phase's random stream is its own
@@ -414,3 +417,63 @@ class Trainer:
             raise ConfigFieldError(FieldProblem(
                 "optimizer.lr", f"{self.phase}: loss is {float(bad_loss)} at epoch {epoch + 1}, step {step + 1}; "
                 f"lower {{field}} (now {self.cfg.optimizer.lr}) or check the data"))
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def phase_trainer(ctx: RunContext, phase: str, cfg: TrainConfig, sparsifier: Sparsifier | None = None) -> Trainer:
+    """A Trainer for one phase of the run (dense, sparse, a fine-tune) on the run's model and data."""
+    return Trainer(ctx.model, ctx.bundle, cfg, phase=phase, device=ctx.device, seed=ctx.cfg.seed,
+                   batch_size=ctx.cfg.data.batch_size, eval_batch_size=ctx.cfg.data.eval_batch_size,
+                   sparsifier=sparsifier, progress=ctx.progress, log=ctx.log, on_step=ctx.on_step,
+                   rank=ctx.dist.rank, world_size=ctx.dist.world_size, task=ctx.task)
+
+
+def evaluate_run(ctx: RunContext, split: str) -> float | None:
+    """The task's metric on `split` for the run's model, each rank counting its shard, summed
+    over the ranks."""
+    return evaluate(ctx.model, ctx.bundle, split, ctx.device, ctx.cfg.data.eval_batch_size,
+                    rank=ctx.dist.rank, world_size=ctx.dist.world_size, task=ctx.task)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint of this run, read safely (weights only)."""
+    return safe_torch_load(path, map_location=device)
+
+
+def run_phase(ctx: RunContext, trainer: Trainer, checkpoint: Path) -> None:
+    """Train one phase from its last epoch checkpoint (if any), saving one after every epoch.
+    Rank 0 writes the checkpoints; on a resume every rank loads the one rank 0 found."""
+    if ctx.on_disk(checkpoint):
+        trainer.load_state_dict(load_checkpoint(checkpoint, ctx.device))
+        ctx.log(f"[{trainer.phase}] resuming at epoch {trainer.next_epoch + 1}/{trainer.cfg.epochs}")
+    manifest = ctx.run.manifest
+    for record in trainer.history:  # epochs of an earlier session (tracking skips those it has)
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(record)
+
+    def save(t: Trainer) -> None:
+        """Checkpoint, then the manifest's history and metrics.csv: a long run can be followed."""
+        atomic_torch_save(t.state_dict(), checkpoint)
+        manifest.history = [h for h in manifest.history if h.phase != t.phase] + list(t.history)
+        ctx.run.write_metrics_csv()
+        ctx.run.save()
+        if ctx.on_epoch is not None and t.history:
+            ctx.on_epoch(t.history[-1])
+
+    trainer.run(on_epoch_end=save if ctx.dist.writer else None)
+    manifest.history = [h for h in manifest.history if h.phase != trainer.phase] + list(trainer.history)
+
+
+def run_dense(ctx: RunContext) -> None:
+    assert ctx.cfg.train is not None  # enabled only with a train section
+    run_phase(ctx, phase_trainer(ctx, "dense", ctx.cfg.train), ctx.run.checkpoints / "dense.pt")
+
+
+def restore_dense(ctx: RunContext) -> None:
+    ctx.model.load_state_dict(load_checkpoint(ctx.run.checkpoints / "dense.pt", ctx.device)["model"])
+
+
+ROW = Stage("train", run_dense, enabled=lambda c: c.train is not None, restore=restore_dense, state="weights",
+            section="train", inputs=("train",))

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from stages.base import FieldProblem, GateFailure, StrictModel
+from stages.base import FieldProblem, GateFailure, StageError, StrictModel
+from stages.context import RunContext, Stage
+from stages.counting import nonzero_params
 from stages.tasks import ACCURACY, Metric
+from stages.train import evaluate_run
 
 GATES = {"accuracy": ("max_accuracy_drop", "min_accuracy"),
          "perplexity": ("max_perplexity_increase", "max_perplexity")}
@@ -138,3 +141,35 @@ def check_latency(max_ratio: float, cfg: ValidateConfig) -> None:
         raise GateFailure("latency", problems=[FieldProblem("max_latency_ratio", (
             f"the final model runs at {max_ratio:.3f}x the dense reference's latency (worst batch "
             f"size, ONNX Runtime CPU), over {{field}}={cfg.max_latency_ratio}"))])
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def run_reference(ctx: RunContext) -> None:
+    value, metric = evaluate_run(ctx, "test"), ctx.task.metric
+    setattr(ctx.run.manifest.metrics, f"dense_{metric.gates}", value)
+    ctx.log(f"[reference] dense test {metric.name} {value:.4f}" if value is not None
+            else f"[reference] empty test split: no dense {metric.name}")
+
+
+def run_validate(ctx: RunContext) -> None:
+    sparse, metric = evaluate_run(ctx, "test"), ctx.task.metric
+    if sparse is None:
+        raise StageError("the test split is empty: nothing to validate on (lower data.val_fraction or add data)")
+    metrics = ctx.run.manifest.metrics
+    dense = getattr(metrics, f"dense_{metric.gates}")
+    result = validate(sparse, dense, ctx.cfg.validate, metric)
+    if metric.gates == "perplexity":
+        metrics.sparse_perplexity, metrics.perplexity_increase = sparse, result.change
+        change = f", +{result.change * 100:.2f}%" if result.change is not None else ""
+    else:
+        metrics.sparse_accuracy, metrics.accuracy_drop = sparse, result.change
+        change = f", drop {result.change * 100:.2f} points" if result.change is not None else ""
+    metrics.nonzero_params = nonzero_params(ctx.model)
+    ctx.log(f"[validate] sparse test {metric.name} {sparse:.4f}{change}")
+    raise_on_failure(result)
+
+
+REFERENCE_ROW = Stage("reference", run_reference, enabled=lambda c: c.has_reference)
+ROW = Stage("validate", run_validate, section="validate", inputs=("validate",), redoable=True)

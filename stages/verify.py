@@ -34,7 +34,8 @@ from torch import nn
 
 from optg.pattern import Pattern
 from stages import weight_match
-from stages.base import GateFailure, StrictModel, eval_mode
+from stages.base import GateFailure, StageError, StrictModel, eval_mode
+from stages.context import RunContext, Stage
 from stages.export import ExportResult, convert_float_type
 from stages.onnx_sparsity import (
     OnnxWeight,
@@ -47,6 +48,7 @@ from stages.onnx_sparsity import (
     weight_macs,
     weight_report,
 )
+from stages.tasks import export_view
 
 DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # (atol, rtol)
 PARITY, PATTERN = "onnx_parity", "nm_pattern"
@@ -551,3 +553,44 @@ def _compact_parity(compact: Path, feed: Feed, dense: list[np.ndarray], atol: fl
         notes.append(f"compact file {compact.name} checked: {len(proto.graph.sparse_initializer)} "
                      f"sparse initializer(s), outputs match the dense file")
     return fails
+
+
+# --------------------------------------------------------------------------- the pipeline row
+
+
+def _feeds(ctx: RunContext) -> list[list[torch.Tensor]]:
+    """What verify compares: real validation samples; a token model at two sequence lengths
+    (the batch's own and about half of it), so a sequence axis fixed by the exporter is caught."""
+    batch = ctx.bundle.batch("val", ctx.cfg.verify.num_samples)
+    task = ctx.task
+    feeds = [task.inputs(batch)]
+    if task.text_layout is not None:
+        length = int(feeds[0][0].shape[1])
+        shorter = max(2, (length + 1) // 2)
+        if shorter < length:
+            feeds.append(task.inputs(task.shorten(batch, shorter)))
+    return feeds
+
+
+def run_verify(ctx: RunContext) -> None:
+    manifest = ctx.run.manifest
+    if manifest.export is None:
+        raise StageError("verify needs the export stage's result, and the manifest has none")
+    ctx.model.eval().cpu()
+    expectations = [LayerExpectation(layer.parameter, layer.pattern, layer.sparsity)
+                    for layer in manifest.metrics.layers]
+    with export_view(ctx.model, ctx.task) as view:
+        result = verify_onnx(manifest.export.result(ctx.run.path), view, _feeds(ctx),
+                                          expectations, ctx.cfg.verify)
+    if manifest.export.quantization is not None:
+        failures, result.quantized = verify_int8(ctx.run.path / manifest.export.quantization.file)
+        result.failures += failures
+        result.passed = not result.failures
+    manifest.verify = result
+    manifest.metrics.parity_max_abs_error = result.parity_max_abs_error
+    manifest.metrics.pattern_coverage = result.pattern_coverage
+    raise_on_failure(result)
+
+
+ROW = Stage("verify", run_verify, enabled=lambda c: c.verify.enabled, section="verify", inputs=("verify",),
+            redoable=True, all_ranks=False, results=("verify",))

@@ -43,15 +43,15 @@ def test_int8_file_is_shipped_placed_verified_and_measured(tmp_path, tiny_config
 
 
 def test_a_disagreeing_int8_file_fails_its_gate_with_exit_3(tmp_path, tiny_config, capsys, monkeypatch):
-    from pipeline import stage_table
+    from stages import onnx_eval
 
-    real = stage_table.onnx_eval.calibration_feeds
+    real = onnx_eval.calibration_feeds
 
     def shrunk(*args, **kwargs):  # plant: calibrate on inputs 10,000x smaller than the data
         return [{k: (v * 1e-4 if v.dtype == np.float32 else v) for k, v in feed.items()}
                 for feed in real(*args, **kwargs)]
 
-    monkeypatch.setattr(stage_table.onnx_eval, "calibration_feeds", shrunk)
+    monkeypatch.setattr(onnx_eval, "calibration_feeds", shrunk)
     run = tmp_path / "run"
     cfg = tiny_config(export__quantize="int8", validate__max_quantized_drop=0.05)
     assert main(["run", str(cfg), "--out", str(run), "--quiet"]) == 3

@@ -44,10 +44,10 @@ def test_a_file_that_disagrees_is_measured_as_such(tmp_path, tiny_config, capsys
 
 
 def test_a_disagreeing_file_fails_the_gate_with_exit_3_naming_it(tmp_path, tiny_config, capsys, monkeypatch):
-    from pipeline import stage_table
+    from stages import onnx_eval
 
-    real = stage_table.onnx_eval.evaluate_onnx
-    monkeypatch.setattr(stage_table.onnx_eval, "evaluate_onnx",
+    real = onnx_eval.evaluate_onnx
+    monkeypatch.setattr(onnx_eval, "evaluate_onnx",
                         lambda path, *a, **k: real(path, *a, **k) - 0.6)  # the file loses 60 points
     run = tmp_path / "run"
     assert main(["run", str(tiny_config()), "--out", str(run), "--quiet"]) == 3

@@ -205,7 +205,7 @@ def test_changing_sparsity_target_is_refused_without_force(tmp_path, copy_of, ca
 def test_external_data_sidecar_is_atomic_and_hashed(tmp_path, copy_of, monkeypatch):
     import onnx
 
-    monkeypatch.setattr("stages.export._EXTERNAL_DATA_BYTES", 0)  # as if the weights were over 1.8 GB
+    monkeypatch.setattr("stages.onnx_file._EXTERNAL_DATA_BYTES", 0)  # as if the weights were over 1.8 GB
     cfg = _config(tmp_path / "opset.yaml", export={"opset": 17})
     assert _run(cfg, copy_of) == 0
     m = _manifest(copy_of)
@@ -305,7 +305,7 @@ def test_a_sidecar_write_that_fails_leaves_neither_file(tmp_path, monkeypatch):
     import onnx
     from onnx import helper, numpy_helper
 
-    from stages import export
+    from stages import onnx_file
     from stages.io import WriteError
 
     weight = numpy_helper.from_array(np.ones((32, 32), np.float32), "w")  # over onnx's 1 KiB inline limit
@@ -319,7 +319,7 @@ def test_a_sidecar_write_that_fails_leaves_neither_file(tmp_path, monkeypatch):
         copy.CopyFrom(template)
         return copy
 
-    monkeypatch.setattr(export, "_EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_file, "_EXTERNAL_DATA_BYTES", 0)
     real = onnx.save_model
 
     def fail_after_writing(model, path, **kwargs):
@@ -328,14 +328,14 @@ def test_a_sidecar_write_that_fails_leaves_neither_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx, "save_model", fail_after_writing)
     with pytest.raises(WriteError, match="No space left"):
-        export.atomic_save(proto(), tmp_path / "m.onnx")
+        onnx_file.atomic_save(proto(), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(onnx, "save_model", real)
-    assert export.atomic_save(proto(), tmp_path / "m.onnx") == tmp_path / "m.onnx.data"
+    assert onnx_file.atomic_save(proto(), tmp_path / "m.onnx") == tmp_path / "m.onnx.data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert numpy_helper.to_array(onnx.load(str(tmp_path / "m.onnx")).graph.initializer[0]).sum() == 1024
-    monkeypatch.setattr(export, "_EXTERNAL_DATA_BYTES", 1 << 30)  # smaller again: the stale sidecar goes
-    assert export.atomic_save(proto(), tmp_path / "m.onnx") is None
+    monkeypatch.setattr(onnx_file, "_EXTERNAL_DATA_BYTES", 1 << 30)  # smaller again: the stale sidecar goes
+    assert onnx_file.atomic_save(proto(), tmp_path / "m.onnx") is None
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 

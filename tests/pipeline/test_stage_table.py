@@ -133,3 +133,61 @@ def test_the_pipeline_table():
                                                             "sparsify", "bake", "validate", "export", "onnx_validate",
                                                             "report"]
     assert {s.name: s.state for s in STAGES if s.restore}["structured"] == "architecture"  # restores beside weights
+
+
+def test_a_stage_error_about_another_section_names_that_section_and_every_problem(tmp_path):
+    calls: list[str] = []
+    error = StageConfigError(["the tokenizer gives id 90", "the vocabulary has 64 rows"], section="data")
+    with pytest.raises(ConfigError) as info:
+        runner(tmp_path, table(calls, {"sparse": error})).execute()
+    assert info.value.problems == ["data: the tokenizer gives id 90", "data: the vocabulary has 64 rows"]
+
+
+# ---------------------------------------------------------------------- adding a stage
+
+
+def run_onnx_size(ctx: RunContext) -> None:
+    """A stage as a user would add one: it reads what export left and writes an artifact."""
+    from stages.io import atomic_write_json
+
+    size = (ctx.run.path / "model.onnx").stat().st_size
+    ctx.run.add_artifact("onnx_size.json", atomic_write_json(ctx.run.path / "onnx_size.json", {"bytes": size}))
+
+
+ONNX_SIZE_ROW = Stage("onnx_size", run_onnx_size, enabled=lambda c: c.export.enabled, all_ranks=False,
+                      redoable=True)
+
+
+def test_a_new_stage_is_its_row_added_to_the_table(tmp_path, tiny_config):
+    from pipeline.config import load_config
+
+    cfg = load_config(tiny_config(benchmark={"enabled": False}))
+    stages = STAGES + (ONNX_SIZE_ROW,)
+    Runner(cfg, RunOptions(out=tmp_path / "run", quiet=True), stages=stages).execute()
+    m = _manifest(tmp_path)
+    assert list(m["stages"])[-2:] == ["onnx_size", "report"]  # after the others, before the epilogue
+    assert m["artifacts"]["onnx_size.json"]["stage"] == "onnx_size"
+    assert json.loads((tmp_path / "run" / "onnx_size.json").read_text())["bytes"] == m["export"]["bytes"]
+    again = Runner(cfg, RunOptions(out=tmp_path / "run", quiet=True), stages=stages).execute()
+    assert again.resumed == 1 and again.stages["onnx_size"].status == "done"
+
+
+def test_pipeline_holds_no_stage_specific_code():
+    """Every row comes from a stage module; no function in pipeline/ runs or restores a stage
+    (takes a RunContext); the table module defines nothing but STAGES."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import pipeline.stage_table as stage_table
+
+    for stage in STAGES:
+        assert stage.run.__module__.startswith("stages."), stage.name
+        assert stage.restore is None or stage.restore.__module__.startswith("stages."), stage.name
+    for path in Path(stage_table.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                annotations = [ast.unparse(a.annotation) for a in node.args.args if a.annotation is not None]
+                assert "RunContext" not in annotations, f"{path.name}: {node.name} is a stage's code"
+    body = ast.parse(inspect.getsource(stage_table)).body
+    assert not [n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]

@@ -3,13 +3,12 @@ import torch
 from torch import nn
 
 from stages.bake import BakedLayer
+from stages.counting import count_macs_and_params, nonzero_params
 from stages.report import (
     ArtifactRow,
     ReportConfig,
     ReportInput,
     StageRow,
-    count_macs_and_params,
-    nonzero_params,
     render_markdown,
     write_report,
 )
