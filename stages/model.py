@@ -19,12 +19,12 @@ from torch import nn
 from optg.registry import UnknownNameError
 from stages import hf
 from stages import sparsify as sparsify_stage
-from stages import structured as structured_stage
 from stages.base import StageConfigError, StageError, StrictModel
 from stages.checkpoints import WeightsReport, load_weights
 from stages.context import RunContext, Stage
 from stages.counting import count_macs_and_params
 from stages.plugins import check_options, import_callable, schema_problems
+from stages.structured_groups import trial_problems
 from stages.tasks import export_view
 from stages.zoo import MODELS, options_schema, timm_model, torchvision_model
 
@@ -240,7 +240,7 @@ def run_model(ctx: RunContext) -> None:
     except ValueError as exc:
         raise StageConfigError(str(exc), section="sparsity") from None
     if ctx.cfg.structured is not None:  # a model channel pruning would break is refused now, not after training
-        trial = structured_stage.trial_problems(ctx.model, ctx.cfg.structured,
+        trial = trial_problems(ctx.model, ctx.cfg.structured,
                                                 ctx.bundle.tensors("train", limit=2)[0].to(ctx.device))
         if trial:
             raise StageConfigError(trial, section="structured")
