@@ -162,3 +162,19 @@ def test_cross_entropy_training_reduces_loss_with_masks():
             first = first if first is not None else loss.item()
             opt.zero_grad(); loss.backward(); opt.step(); sp.step(lr=0.1)
     assert loss.item() < first
+
+
+@pytest.mark.parametrize(("normalization", "kept"), [
+    ("none", ([1, 1, 1, 1], [0, 0, 0, 0])),   # one global threshold on raw scores: the large layer wins
+    ("layer", ([0, 0, 1, 1], [0, 0, 1, 1])),  # scores / mean |score| per layer: each keeps its top half
+])
+def test_score_normalization_ranks_each_layer_by_its_own_scale(normalization, kept):
+    """A library keyword argument (measured, not adopted: RESULTS section 5), exact on hand-set scores."""
+    model = nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(1, 4, bias=False))
+    sp = optg.create("optg", model, target=0.5, epochs=4, score_normalization=normalization).attach()
+    with torch.no_grad():
+        sp.layers[0].scores.copy_(torch.tensor([[10.0, 20.0, 30.0, 40.0]]))
+        sp.layers[1].scores.copy_(torch.tensor([[1.0], [2.0], [3.0], [4.0]]))
+    sp.start_epoch(3)  # the last epoch: the schedule is at the target
+    masks = sp.masks()
+    assert (masks["0"].int().flatten().tolist(), masks["1"].int().flatten().tolist()) == kept
