@@ -5,8 +5,8 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from torch import nn
 
 import optg
@@ -209,18 +209,23 @@ class SparsityConfig(StrictModel):
         """`schedule: cubic` is `schedule: {name: cubic}`."""
         return {"name": value} if value is None or isinstance(value, str) else value
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _moved_keys(cls, data: Any) -> Any:
-        """An old-style key is refused with where it went (all of them at once)."""
-        if isinstance(data, dict):
-            moved = [key for key in data if key in MOVED_KEYS]
-            if moved:
-                raise ValidationError.from_exception_data(cls.__name__, [
-                    InitErrorDetails(type=PydanticCustomError("moved_key", "{message}",
-                                                              {"message": MOVED_KEYS[key]}),
-                                     loc=(key,), input=data[key]) for key in moved])
-        return data
+    def _moved_keys(cls, data: Any, handler: ModelWrapValidatorHandler["SparsityConfig"]) -> "SparsityConfig":
+        """An old-style key is refused with where it went, all of them at once and together with
+        the section's other problems (validated without the old keys; that `train` is missing
+        is not repeated when training keys moved)."""
+        moved = [key for key in data if key in MOVED_KEYS] if isinstance(data, dict) else []
+        if not moved:
+            return handler(data)
+        errors = [InitErrorDetails(type=PydanticCustomError("moved_key", "{message}", {"message": MOVED_KEYS[key]}),
+                                   loc=(key,), input=data[key]) for key in moved]
+        trained = any(key in TRAINING_KEYS for key in moved)
+        try:
+            handler({key: value for key, value in data.items() if key not in MOVED_KEYS})
+        except ValidationError as exc:
+            errors += [_again(err) for err in exc.errors() if not (trained and tuple(err["loc"]) == ("train",))]
+        raise ValidationError.from_exception_data(cls.__name__, errors)
 
     @model_validator(mode="after")
     def _consistent(self) -> "SparsityConfig":
@@ -290,6 +295,19 @@ class SparsityConfig(StrictModel):
         if block is not None:
             data.update(block.spec_fields())
         return SparsitySpec(**{**data, **library})
+
+
+def _again(err: ErrorDetails) -> InitErrorDetails:
+    """A caught validation error, raised again as it was (its type, location, input and context)."""
+    try:
+        again = InitErrorDetails(type=err["type"], loc=err["loc"], input=err["input"])
+        if "ctx" in err:
+            again["ctx"] = err["ctx"]
+        ValidationError.from_exception_data("check", [again])  # a type pydantic knows, with its context
+        return again
+    except (KeyError, TypeError, ValueError):  # a custom type: its message as the template
+        return InitErrorDetails(type=PydanticCustomError(err["type"], "{message}", {"message": err["msg"]}),
+                                loc=err["loc"], input=err["input"])
 
 
 def plan(model: nn.Module, cfg: SparsityConfig) -> list[optg.LayerPlan]:

@@ -237,3 +237,12 @@ def test_settings_in_force_say_what_start_auto_became_and_the_ramp_it_built():
     magnitude = settings_in_force(build_sparsifier(model(), gmp, steps_per_epoch=20, seed=0), gmp, False)
     assert magnitude["start_reason"] == "set in the config" and "score_init" not in magnitude
     assert magnitude["schedule"] == {"name": "CubicSchedule", "start": 0.0, "end": 9.0}
+
+
+def test_moved_keys_come_together_with_the_sections_other_problems():
+    with pytest.raises(ValidationError) as err:
+        SparsityConfig.model_validate({"method": "optg", "pattern": "4:2", "epochs": 3, "guard": {"batches": 0}})
+    problems = locs(err.value)
+    assert set(problems) == {"epochs", "pattern", "guard.batches"}  # `train` missing is not said again
+    assert problems["guard.batches"] == "Input should be greater than or equal to 1"
+    assert problems["pattern"] == "N:M pattern needs 1 <= N < M, got 4:2"
