@@ -227,8 +227,7 @@ class Suite:
             phase = self.proto.sparse_phase(method, pattern)
             steps = len(bundle.loader("train", self.proto.batch_size, shuffle=True, seed=0))
             sp = phase.build(model, steps, seed)
-            calibrate_if_needed(sp, bundle.loader("train", self.proto.batch_size, shuffle=True, seed=seed),
-                                phase.config, CPU)
+            calibrate_if_needed(sp, bundle.loader("train", self.proto.batch_size, shuffle=True, seed=seed), CPU)
             history = self._trainer(model, bundle, phase.train, "sparse", seed, sp).run()
             sp.bake()
             sparsity = sp.sparsity()

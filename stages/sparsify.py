@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from torch import nn
 
@@ -143,8 +143,6 @@ class SparsityConfig(StrictModel):
     of the method in use is accepted); and the sparse phase's training (`train:`, absent for a
     one-shot prune)."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
     method: str
     """a registered method: optg, gmp, srste (trained masks); oneshot, random, snip, wanda,
     sparsegpt (one-shot: the mask is fixed before training)"""
@@ -245,9 +243,9 @@ class SparsityConfig(StrictModel):
             try:
                 self.to_spec()
             except ValidationError as exc:
+                moved = {**_SPEC_TO_CONFIG, "calibration_batches": (self.method, "calibration_batches")}
                 for err in exc.errors():
                     loc = tuple(err["loc"])
-                    moved = {**_SPEC_TO_CONFIG, "calibration_batches": (self.method, "calibration_batches")}
                     where = moved.get(str(loc[0]), loc[:1]) + loc[1:] if loc else ()
                     problems.append((where, err["msg"].removeprefix("Value error, "), err.get("input")))
         if problems:
@@ -269,11 +267,6 @@ class SparsityConfig(StrictModel):
     def as_pattern(self) -> Pattern:
         """The model's pattern as a value: `pattern` text with `target` (unstructured)."""
         return Pattern.parse(self.pattern, self.target)
-
-    @property
-    def calibration_batches_in_force(self) -> int:
-        """The calibration batches a data-aware method or score_init uses: given, or its default."""
-        return self.to_spec().calibration_batches_in_force
 
     def resolved_start(self, from_trained: bool) -> Literal["scratch", "pretrained"]:
         """`auto` is pretrained when training starts from trained weights, else scratch."""
@@ -352,22 +345,23 @@ def settings_in_force(sparsifier: optg.Sparsifier, cfg: SparsityConfig, from_tra
             "score_warmup_steps", "score_init", "score_init_scale", "score_lr_coupled", "score_lr_factor",
             "score_normalization", "score_dtype", "max_swap_fraction")})
     if getattr(sparsifier.criterion, "needs_calibration", False):
-        settings["calibration_batches"] = cfg.calibration_batches_in_force
+        settings["calibration_batches"] = spec.calibration_batches_in_force
     settings["guard"] = spec.guard.model_dump() if spec.guard is not None else None
     return settings
 
 
-def calibrate_if_needed(sparsifier: optg.Sparsifier, loader: Iterable[Any], cfg: SparsityConfig,
-                        device: torch.device, task: Task | None = None) -> int:
-    """Data-aware criteria (SNIP, Wanda, SparseGPT) score on a few training batches before
-    training, with the task's loss; others skip."""
+def calibrate_if_needed(sparsifier: optg.Sparsifier, loader: Iterable[Any], device: torch.device,
+                        task: Task | None = None) -> int:
+    """Data-aware criteria (SNIP, Wanda, SparseGPT) score on the first training batches (as many
+    as the sparsifier's spec says) before training, with the task's loss; others skip."""
     if sparsifier.calibrated:
         return 0
     task = task or ClassificationTask()
+    wanted = sparsifier.spec.calibration_batches_in_force
     batches = []
     for batch in loader:
         batches.append(task.to_device(batch, device))
-        if len(batches) == cfg.calibration_batches_in_force:
+        if len(batches) == wanted:
             break
     return sparsifier.calibrate(batches, task.batch_loss)
 
@@ -390,9 +384,8 @@ def run_sparsify(ctx: RunContext) -> None:
     checkpoint = ctx.run.checkpoints / "sparse.pt"
     trainer = phase_trainer(ctx, "sparse", cfg.train, sparsifier) if cfg.train is not None else None
     if not ctx.on_disk(checkpoint):
-        calibrate_if_needed(
-            sparsifier, ctx.bundle.loader("train", data.batch_size, shuffle=True, seed=ctx.cfg.seed), cfg, ctx.device,
-            ctx.task)
+        calibrate_if_needed(sparsifier, ctx.bundle.loader("train", data.batch_size, shuffle=True, seed=ctx.cfg.seed),
+                            ctx.device, ctx.task)
     if trainer is None:  # one-shot without `sparsity.train`: the calibrated mask is the result
         return
     try:

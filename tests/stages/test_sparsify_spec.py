@@ -56,7 +56,8 @@ def test_a_method_that_trains_its_mask_needs_the_train_section_and_a_one_shot_do
 
 def test_field_errors_of_common_keys_and_the_train_section_come_together():
     with pytest.raises(ValidationError) as err:
-        SparsityConfig.model_validate({"method": "optq", "pattern": "4:2", "train": {"epochs": 3, "optimizer": {"lr": -1}},
+        SparsityConfig.model_validate({"method": "optq", "pattern": "4:2",
+                                       "train": {"epochs": 3, "optimizer": {"lr": -1}},
                                        "schedule": {"name": "linear"}})
     problems = locs(err.value)
     assert set(problems) == {"method", "pattern", "train.optimizer.lr", "schedule.name"}
@@ -177,13 +178,14 @@ def test_plan_build_and_calibrate_keep_their_signatures():
     assert plans[0].reason == "excluded by '^0$'"
     assert all("forward" not in m.__dict__ for m in net.modules())  # planning leaves the model alone
     sp = build_sparsifier(net, cfg, steps_per_epoch=10, seed=0)
-    assert calibrate_if_needed(sp, loader(), cfg, torch.device("cpu")) == 3
-    assert calibrate_if_needed(sp, loader(), cfg, torch.device("cpu")) == 0  # already calibrated
+    assert calibrate_if_needed(sp, loader(), torch.device("cpu")) == 3
+    assert calibrate_if_needed(sp, loader(), torch.device("cpu")) == 0  # already calibrated
     assert sp.sparsity() == pytest.approx(0.6, abs=0.01)
 
 
 def test_an_empty_plan_is_a_value_error_naming_the_reasons():
-    cfg = SparsityConfig.model_validate({"method": "gmp", "target": 0.6, "train": {"epochs": 2}, "include": ["^nothing$"]})
+    cfg = SparsityConfig.model_validate({"method": "gmp", "target": 0.6, "train": {"epochs": 2},
+                                         "include": ["^nothing$"]})
     with pytest.raises(ValueError, match="no layer can be sparsified .*not matched by include"):
         plan(model(), cfg)
 
